@@ -1,0 +1,446 @@
+"""Dispatch / combine bandwidth benchmark, against ``torch.distributed.all_to_all_single``.
+
+Emulated cluster (processes spawned here, gloo over loopback, CPU backend)::
+
+    python -m bench.all_to_all --nodes 2 --ranks-per-node 4 --tokens 4096 --hidden 2048 \\
+        --topk 8 --experts 64 --dtype bf16
+
+Real cluster: ``torchrun --nnodes N --nproc-per-node L -m bench.all_to_all ...`` (the node
+layout then comes from torchrun; ``--nodes``/``--ranks-per-node`` are ignored).
+
+For dispatch and for combine it reports, as DeepEP's tests do: time per call (median and
+p10-p90 spread of the slowest rank per iteration), bytes over the rail and over the in-node link
+(from ``Buffer.get_traffic_stats()``, checked against the planner's exact counts of the same
+routing), the bottleneck bandwidth of each link (busiest rank's bytes / median time), the
+algorithm bandwidth (routed payload rows x row bytes per rank / time), and the same routed rows
+moved by ``torch.distributed.all_to_all_single`` in the same run (pack + all-to-all; for
+combine the reverse all-to-all + sum per token), with the speed ratio.
+
+``--model-check`` also measures this cluster's own link speeds (rail: concurrent point-to-point
+between rail peers; node: concurrent copies through shared memory) and the library's fixed
+per-call cost (a one-token call), feeds them to ``bench.cost_model`` and prints predicted vs
+measured time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from bench.common import (DTYPES, FP8_BLOCK, bytes_per_token, combine_dtype, gen_topk_idx, launch,
+                          time_stats, traffic_counts, under_torchrun)
+
+OPS = ("dispatch", "combine")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_inputs(rank: int, cfg: Dict[str, Any]):
+    R, L = cfg["world_size"], cfg["ranks_per_node"]
+    T, H, k, E = cfg["tokens"], cfg["hidden"], cfg["topk"], cfg["experts"]
+    topk_idx = gen_topk_idx(T, E, k, R, L, cfg.get("node_limit") or None, cfg.get("seed", 0), rank)
+    g = torch.Generator().manual_seed(cfg.get("seed", 0) * 31 + rank)
+    topk_weights = torch.rand(T, k, generator=g).to(torch.float32)
+    base = torch.randn(T, H, generator=g)
+    if cfg["dtype"] == "fp8":
+        nb = math.ceil(H / FP8_BLOCK)
+        pad = torch.zeros(T, nb * FP8_BLOCK)
+        pad[:, :H] = base
+        amax = pad.view(T, nb, FP8_BLOCK).abs().amax(-1).clamp(min=1e-4)
+        scales = (amax / 448.0).to(torch.float32)
+        q = (pad.view(T, nb, FP8_BLOCK) / scales[:, :, None]).view(T, -1)[:, :H]
+        x = (q.to(torch.float8_e4m3fn).contiguous(), scales.contiguous())
+    else:
+        x = base.to(DTYPES[cfg["dtype"]])
+    return topk_idx, topk_weights, x
+
+
+def _bytes_view(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibrate_links(rank: int, world: int, L: int, sizes=(1 << 16, 1 << 22), reps: int = 5) -> Dict[str, float]:
+    """Measures this emulated cluster's link speeds the way the library uses the links, every rank
+    at once: rail = isend/irecv of one message to and from every rail peer (gloo); node = copying
+    bytes into a shared-memory tensor. Returns alpha (s) and bw (bytes/s per rank and direction)
+    of each link, fitted from a small and a large message (median of ``reps``)."""
+    N = world // L
+    node_i, local = divmod(rank, L)
+    peers = [m * L + local for m in range(N) if m != node_i]
+
+    def timed(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        # the collective step ends when the slowest rank does
+        tt = torch.tensor(sorted(ts)[len(ts) // 2], dtype=torch.float64)
+        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
+        return float(tt)
+
+    out: Dict[str, float] = {}
+    if peers:
+        pts = []
+        for s in sizes:
+            send = torch.empty(s, dtype=torch.uint8).fill_(1)
+            recvs = [torch.empty(s, dtype=torch.uint8) for _ in peers]
+
+            def rail_step():
+                works = [dist.isend(send, p) for p in peers] + [dist.irecv(r, p) for r, p in zip(recvs, peers)]
+                for w in works:
+                    w.wait()
+            rail_step()
+            # bytes per rank and direction over the step: s per peer
+            pts.append((s * len(peers), timed(rail_step)))
+        (b0, t0), (b1, t1) = pts
+        bw = (b1 - b0) / max(t1 - t0, 1e-9)
+        out["rail_bw"] = bw
+        out["rail_alpha"] = max(0.0, t0 - b0 / bw)
+    pts = []
+    for s in sizes:
+        src = torch.empty(s, dtype=torch.uint8).fill_(1)
+        dst = torch.empty(s, dtype=torch.uint8).share_memory_()
+        dst.copy_(src)
+        pts.append((s, timed(lambda: dst.copy_(src))))
+    (b0, t0), (b1, t1) = pts
+    bw = (b1 - b0) / max(t1 - t0, 1e-9)
+    out["node_bw"] = bw
+    out["node_alpha"] = max(0.0, t0 - b0 / bw)
+    return out
+
+
+# ----------------------------------------------------------------------------- one rank
+
+def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    from dispatch import Buffer, Config
+
+    L = cfg["ranks_per_node"] if not under_torchrun() else int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cfg = dict(cfg, world_size=world, ranks_per_node=L)
+    group = dist.group.WORLD
+    show = rank == 0 and cfg.get("progress", True)
+    pbar = None
+    if show:
+        try:
+            from tqdm import tqdm
+            total = (cfg["warmup"] + cfg["iters"]) * 3 + (1 if cfg.get("model_check") else 0)
+            pbar = tqdm(total=total, desc="setup", file=sys.stderr, leave=False)
+        except ImportError:  # pragma: no cover
+            pbar = None
+
+    def tick(desc: str) -> None:
+        if pbar is not None:
+            pbar.set_description(desc)
+            pbar.update(1)
+
+    buf = Buffer(group, cfg.get("num_nvl_bytes", 0), cfg.get("num_rdma_bytes", 0), num_ranks_per_node=L)
+    config = Config(num_sms=cfg["num_sms"], chunk_tokens=cfg.get("chunk_tokens"))
+    topk_idx, topk_weights, x = make_inputs(rank, cfg)
+    E = cfg["experts"]
+
+    layout = buf.get_dispatch_layout(topk_idx, E)
+    per_rank, per_rdma, per_expert, in_rank, _ = layout
+
+    def do_dispatch():
+        return buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                            topk_idx=topk_idx, topk_weights=topk_weights, num_experts=E, config=config)
+
+    recv_x, recv_idx, recv_w, _, handle, _ = do_dispatch()
+    d_stats = buf.get_traffic_stats()
+    comb_dt = DTYPES[combine_dtype(cfg["dtype"])]
+    recv_rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+    y = recv_rows.to(torch.float32).to(comb_dt) if cfg["dtype"] != "fp8" else \
+        torch.randn(recv_rows.shape[0], cfg["hidden"]).to(comb_dt)
+    n_recv = y.shape[0]
+
+    def do_combine():
+        return buf.combine(y, handle, topk_weights=recv_w, config=config)
+
+    do_combine()
+    c_stats = buf.get_traffic_stats()
+
+    # all-to-all baseline of the same routed rows: rows for rank d = tokens with is_token_in_rank[:, d]
+    if isinstance(x, tuple):
+        xb = torch.cat([_bytes_view(x[0]), _bytes_view(x[1])], 1)
+    else:
+        xb = _bytes_view(x)
+    order_tok = torch.nonzero(in_rank.t(), as_tuple=True)     # (dest rank, token) sorted by rank
+    send_tok = order_tok[1]
+    send_splits = per_rank.tolist()
+    split_t = torch.tensor(send_splits, dtype=torch.int64)
+    recv_split_t = torch.empty_like(split_t)
+    dist.all_to_all_single(recv_split_t, split_t)
+    recv_splits = recv_split_t.tolist()
+    a2a_recv = torch.empty(sum(recv_splits), xb.shape[1], dtype=torch.uint8)
+    # combine baseline: send y rows back (by source), sum into the token rows
+    yb_width = _bytes_view(y[:1]).shape[1] if n_recv else cfg["hidden"] * y.element_size()
+    back_recv = torch.empty(len(send_tok), yb_width, dtype=torch.uint8)
+
+    def a2a_dispatch():
+        send = xb.index_select(0, send_tok)
+        dist.all_to_all_single(a2a_recv, send, recv_splits, send_splits)
+
+    y_rows = _bytes_view(y) if n_recv else torch.empty(0, yb_width, dtype=torch.uint8)
+    y_rows = y_rows[:sum(recv_splits)] if y_rows.shape[0] >= sum(recv_splits) else \
+        torch.cat([y_rows, torch.zeros(sum(recv_splits) - y_rows.shape[0], yb_width, dtype=torch.uint8)])
+
+    def a2a_combine():
+        dist.all_to_all_single(back_recv, y_rows, send_splits, recv_splits)
+        acc = torch.zeros(cfg["tokens"], cfg["hidden"], dtype=torch.float32)
+        acc.index_add_(0, send_tok, back_recv.view(comb_dt).to(torch.float32))
+        return acc.to(comb_dt)
+
+    a2a_dispatch()
+    a2a_combine()
+
+    times: Dict[str, List[float]] = {"dispatch": [], "combine": [], "a2a_dispatch": [], "a2a_combine": []}
+    fns = [("dispatch", do_dispatch), ("combine", do_combine)]
+    for it in range(cfg["warmup"] + cfg["iters"]):
+        warm = it < cfg["warmup"]
+        for name, fn in fns:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if not warm:
+                times[name].append(dt)
+        tick(("warmup" if warm else "timing") + " dispatch/combine")
+        dist.barrier()
+        t0 = time.perf_counter()
+        a2a_dispatch()
+        dt = time.perf_counter() - t0
+        if not warm:
+            times["a2a_dispatch"].append(dt)
+        dist.barrier()
+        t0 = time.perf_counter()
+        a2a_combine()
+        dt = time.perf_counter() - t0
+        if not warm:
+            times["a2a_combine"].append(dt)
+        tick(("warmup" if warm else "timing") + " all_to_all_single")
+        tick(("warmup" if warm else "timing") + " all_to_all_single")
+
+    calib = None
+    tiny_times = None
+    if cfg.get("model_check"):
+        calib = calibrate_links(rank, world, L)
+        # the library's fixed per-call cost: one token routed to one expert of this rank
+        t_idx = torch.full((1, 1), rank * (E // world), dtype=torch.int64)
+        t_x = torch.zeros(1, cfg["hidden"], dtype=comb_dt)
+        tiny_times = {"dispatch": [], "combine": []}
+        for it in range(6):
+            dist.barrier()
+            t0 = time.perf_counter()
+            rx, _, rw, _, h, _ = buf.dispatch(t_x, topk_idx=t_idx, topk_weights=torch.ones(1, 1),
+                                             num_experts=E, config=config)
+            dt_d = time.perf_counter() - t0
+            dist.barrier()
+            t0 = time.perf_counter()
+            buf.combine(rx, h, topk_weights=rw, config=config)
+            dt_c = time.perf_counter() - t0
+            if it >= 2:
+                tiny_times["dispatch"].append(dt_d)
+                tiny_times["combine"].append(dt_c)
+        tick("model check")
+    if pbar is not None:
+        pbar.close()
+
+    # gather everything to every rank (rank 0 reports)
+    mine = {"rank": rank, "times": times, "dispatch_stats": d_stats, "combine_stats": c_stats,
+            "recv_rows": n_recv, "calib": calib, "tiny_times": tiny_times}
+    allr: List[Any] = [None] * world
+    dist.all_gather_object(allr, mine)
+    idx_all: List[Any] = [None] * world
+    dist.all_gather_object(idx_all, topk_idx)
+    buf.destroy()
+    if rank != 0:
+        return None
+    return summarize(cfg, allr, idx_all)
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[torch.Tensor]) -> Dict[str, Any]:
+    R, L = cfg["world_size"], cfg["ranks_per_node"]
+    traffic = traffic_counts(idx_all, cfg["experts"], L)
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L)
+    result: Dict[str, Any] = {"config": {k: v for k, v in cfg.items() if k != "progress"},
+                              "num_nodes": R // L, "ops": {}}
+    mismatches = []
+    for op in OPS:
+        stats = [r[f"{op}_stats"] for r in allr]
+        for rk in range(R):
+            exp = traffic.expected_stats(rk, op)
+            for key, val in exp.items():
+                if int(stats[rk].get(key, -1)) != val:
+                    mismatches.append(f"{op} rank {rk} {key}: counter {stats[rk].get(key)} planner {val}")
+        iters = len(allr[0]["times"][op])
+        per_iter = [max(r["times"][op][i] for r in allr) for i in range(iters)]
+        a2a_iter = [max(r["times"]["a2a_" + op][i] for r in allr) for i in range(iters)]
+        ts, ta = time_stats(per_iter), time_stats(a2a_iter)
+        t = ts["median_us"] / 1e6
+        rail = [int(s["rail_bytes"]) for s in stats]
+        node = [int(s["node_bytes"]) for s in stats]
+        flat_rail = [int(s["flat_rail_token_copies"]) * int(s["rail_bytes_per_token"]) for s in stats]
+        payload = bpt.payload_dispatch if op == "dispatch" else bpt.payload_combine
+        routed = [int(v) for v in traffic.recv_rows]     # rows each rank receives (dispatch) / returns (combine)
+        alg_bytes = sum(routed) * payload / R
+        result["ops"][op] = {
+            "time": ts, "a2a_time": ta,
+            "rail_bytes_total": sum(rail), "rail_bytes_max": max(rail),
+            "node_bytes_total": sum(node), "node_bytes_max": max(node),
+            "flat_rail_bytes_total": sum(flat_rail),
+            "rail_bytes_per_token": int(stats[0]["rail_bytes_per_token"]),
+            "node_bytes_per_token": int(stats[0]["node_bytes_per_token"]),
+            "rail_gbps": max(rail) / t / 1e9 if t > 0 else 0.0,
+            "node_gbps": max(node) / t / 1e9 if t > 0 else 0.0,
+            "algbw_gbps": alg_bytes / t / 1e9 if t > 0 else 0.0,
+            "a2a_algbw_gbps": alg_bytes / (ta["median_us"] / 1e6) / 1e9,
+            "speedup_vs_a2a": ta["median_us"] / ts["median_us"] if ts["median_us"] > 0 else 0.0,
+            "rail_token_copies": [int(s["rail_token_copies"]) for s in stats],
+            "node_token_copies": [int(s["node_token_copies"]) for s in stats],
+            "flat_rail_token_copies": [int(s["flat_rail_token_copies"]) for s in stats],
+        }
+    result["counters_match_planner"] = not mismatches
+    result["counter_mismatches"] = mismatches[:20]
+    if allr[0].get("calib"):
+        result["model_check"] = model_check(cfg, allr, traffic, result)
+    return result
+
+
+def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result) -> Dict[str, Any]:
+    """Predict this run's times with bench.cost_model fed with the measured link speeds."""
+    from bench.cost_model import ClusterSpec, Link, predict
+    cal = allr[0]["calib"]
+    L = cfg["ranks_per_node"]
+    rail = Link(cal.get("rail_alpha", 0.0), cal.get("rail_bw", 1e12))
+    node = Link(cal["node_alpha"], cal["node_bw"])
+    chunk = cfg.get("chunk_tokens") or 256
+    spec = ClusterSpec("this machine", L, rail, node, chunk_tokens=chunk)
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L)
+    pred = predict(spec, traffic, bpt)
+    # the tiny call's routing (one token to this rank's first expert): its modelled time (the
+    # count exchange) is inside the measured fixed cost already, so it is taken out once
+    E, R = cfg["experts"], cfg["world_size"]
+    tiny_routing = [torch.full((1, 1), r * (E // R), dtype=torch.int64) for r in range(R)]
+    pred_tiny = predict(spec, traffic_counts(tiny_routing, E, L), bpt)
+    tiny = {op: sorted(max(r["tiny_times"][op][i] for r in allr)
+                       for i in range(len(allr[0]["tiny_times"][op])))
+            for op in OPS}
+    out: Dict[str, Any] = {"links": cal, "chunk_tokens": chunk}
+    for op in OPS:
+        fixed = tiny[op][len(tiny[op]) // 2]
+        model_s = fixed + pred["two_hop"][op] - pred_tiny["two_hop"][op]
+        meas = result["ops"][op]["time"]["median_us"] / 1e6
+        out[op] = {"predicted_us": model_s * 1e6, "fixed_cost_us": fixed * 1e6,
+                   "link_model_us": (pred["two_hop"][op] - pred_tiny["two_hop"][op]) * 1e6, "measured_us": meas * 1e6,
+                   "error": (model_s - meas) / meas}
+    return out
+
+
+def format_report(res: Dict[str, Any]) -> str:
+    c = res["config"]
+    lines = [f"dispatch benchmark: {res['num_nodes']} nodes x {c['ranks_per_node']} ranks, "
+             f"T={c['tokens']} tokens/rank, H={c['hidden']}, top-{c['topk']} of {c['experts']} experts, "
+             f"{c['dtype']}, node limit {c.get('node_limit') or 'none'}, num_sms={c['num_sms']}, "
+             f"{c['iters']} iters",
+             ""]
+    head = (f"{'op':<9} {'time us (med)':>13} {'p10-p90 us':>17} {'rail MB':>9} {'node MB':>9} "
+            f"{'rail GB/s':>9} {'node GB/s':>9} {'algbw GB/s':>10} | {'a2a us':>10} {'a2a algbw':>9} "
+            f"{'speedup':>7}")
+    lines += [head, "-" * len(head)]
+    for op in OPS:
+        o = res["ops"][op]
+        t, ta = o["time"], o["a2a_time"]
+        lines.append(
+            f"{op:<9} {t['median_us']:>13.1f} {t['p10_us']:>8.0f}-{t['p90_us']:<8.0f} "
+            f"{o['rail_bytes_total'] / 1e6:>9.2f} {o['node_bytes_total'] / 1e6:>9.2f} "
+            f"{o['rail_gbps']:>9.3f} {o['node_gbps']:>9.3f} {o['algbw_gbps']:>10.3f} | "
+            f"{ta['median_us']:>10.1f} {o['a2a_algbw_gbps']:>9.3f} {o['speedup_vs_a2a']:>6.2f}x")
+    lines.append("")
+    lines.append("rail/node MB: all ranks' bytes on that link (traffic counters); GB/s per link: the busiest "
+                 "rank's bytes / median time;")
+    lines.append("algbw: routed payload bytes per rank / time; a2a: torch.distributed.all_to_all_single of the "
+                 "same routed rows (pack + a2a; combine: reverse a2a + sum); speedup = a2a time / time")
+    d = res["ops"]["dispatch"]
+    if d["flat_rail_bytes_total"]:
+        lines.append(f"dispatch rail bytes vs a flat all-to-all of the same records: "
+                     f"{d['rail_bytes_total'] / d['flat_rail_bytes_total']:.3f}x")
+    lines.append("traffic counters equal the planner's exact counts: "
+                 + ("yes" if res["counters_match_planner"] else "NO\n  " + "\n  ".join(res["counter_mismatches"])))
+    mc = res.get("model_check")
+    if mc:
+        ln = mc["links"]
+        lines.append("")
+        lines.append("cost model check (links measured on this cluster: rail "
+                     + (f"{ln['rail_bw'] / 1e9:.3f} GB/s + {ln['rail_alpha'] * 1e6:.0f} us, " if "rail_bw" in ln else "none, ")
+                     + f"node {ln['node_bw'] / 1e9:.3f} GB/s + {ln['node_alpha'] * 1e6:.0f} us; "
+                     f"chunk {mc['chunk_tokens']} tokens):")
+        for op in OPS:
+            m = mc[op]
+            lines.append(f"  {op:<9} predicted {m['predicted_us']:>10.1f} us (links {m['link_model_us']:.1f} + fixed "
+                         f"{m['fixed_cost_us']:.1f})  measured {m['measured_us']:>10.1f} us  "
+                         f"error {m['error'] * 100:+.1f}%")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.all_to_all",
+                                 description="dispatch/combine bandwidth vs all_to_all_single")
+    ap.add_argument("--nodes", type=int, default=2, help="emulated nodes (ignored under torchrun)")
+    ap.add_argument("--ranks-per-node", type=int, default=2, help="ranks per emulated node")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per rank")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--node-limit", type=int, default=0, help="at most this many nodes per token (0: none)")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--num-sms", type=int, default=20, help="SM budget (CPU backend: thread budget)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="records per chunk (default: backend's)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model-check", action="store_true",
+                    help="measure link speeds and compare the cost model's prediction with the measurement")
+    ap.add_argument("--json", default=None, help="write the raw numbers to this path")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    cfg = {"ranks_per_node": args.ranks_per_node, "tokens": args.tokens, "hidden": args.hidden,
+           "topk": args.topk, "experts": args.experts, "node_limit": args.node_limit or None,
+           "dtype": args.dtype, "num_sms": args.num_sms, "chunk_tokens": args.chunk_tokens,
+           "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+           "model_check": args.model_check, "progress": not args.no_progress}
+    world = args.nodes * args.ranks_per_node
+    results = launch(run_rank, world, cfg)
+    return results[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    res = run(args)
+    if res is None:   # a non-zero rank under torchrun
+        return 0
+    print(format_report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0 if res["counters_match_planner"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

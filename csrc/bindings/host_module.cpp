@@ -1,0 +1,159 @@
+// pybind11 bindings of the CPU backend (dispatch._C). Tensors cross as raw addresses
+// (tensor.data_ptr()) so the module needs no torch headers; every call releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "../common/layout.h"
+#include "../common/plan.h"
+#include "../common/record.h"
+#include "../host/combine_reduce.h"
+#include "../host/dispatch_records.h"
+#include "../host/shm_segment.h"
+
+namespace py = pybind11;
+using namespace dispatch;
+using namespace dispatch::host;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void layout_entry(uintptr_t topk_idx, bool idx_is_int32, int64_t num_tokens, int num_topk, int num_ranks,
+                  int num_ranks_per_node, int num_experts, uintptr_t num_tokens_per_rank,
+                  uintptr_t num_tokens_per_node, uintptr_t num_tokens_per_expert, uintptr_t is_token_in_rank) {
+  const Topology topo{num_ranks, num_ranks_per_node, num_experts};
+  if (idx_is_int32)
+    compute_layout(as_ptr<const int32_t>(topk_idx), num_tokens, num_topk, topo, as_ptr<int32_t>(num_tokens_per_rank),
+                   as_ptr<int32_t>(num_tokens_per_node), as_ptr<int32_t>(num_tokens_per_expert),
+                   as_ptr<bool>(is_token_in_rank));
+  else
+    compute_layout(as_ptr<const int64_t>(topk_idx), num_tokens, num_topk, topo, as_ptr<int32_t>(num_tokens_per_rank),
+                   as_ptr<int32_t>(num_tokens_per_node), as_ptr<int32_t>(num_tokens_per_expert),
+                   as_ptr<bool>(is_token_in_rank));
+}
+
+void plan_entry(uintptr_t is_token_in_rank, int64_t num_tokens, int num_ranks, int num_ranks_per_node,
+                uintptr_t recv_row_base, uintptr_t node_token_begin, uintptr_t node_tokens, uintptr_t node_dst_rows,
+                uintptr_t rank_scratch, uintptr_t node_scratch) {
+  const Topology topo{num_ranks, num_ranks_per_node, num_ranks};
+  plan_dispatch_sends(as_ptr<const bool>(is_token_in_rank), num_tokens, topo, as_ptr<const int64_t>(recv_row_base),
+                      as_ptr<const int64_t>(node_token_begin), as_ptr<int32_t>(node_tokens),
+                      as_ptr<int32_t>(node_dst_rows), as_ptr<int64_t>(rank_scratch), as_ptr<int64_t>(node_scratch));
+}
+
+uint64_t atomic_load(uintptr_t address) {
+  return __atomic_load_n(as_ptr<uint64_t>(address), __ATOMIC_ACQUIRE);
+}
+
+void atomic_store(uintptr_t address, uint64_t value) { __atomic_store_n(as_ptr<uint64_t>(address), value, __ATOMIC_RELEASE); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dispatch CPU backend: planner, shared-memory segments and byte movers";
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  py::class_<RecordLayout>(m, "RecordLayout")
+      .def(py::init([](int L, int k, int64_t hidden_bytes, int64_t scale_bytes) {
+             return RecordLayout{L, k, hidden_bytes, scale_bytes};
+           }),
+           py::arg("num_ranks_per_node"), py::arg("num_topk"), py::arg("hidden_bytes"), py::arg("scale_bytes"))
+      .def_property_readonly("bytes", &RecordLayout::bytes)
+      .def_property_readonly("x_offset", &RecordLayout::x_offset);
+  py::class_<ReturnRowLayout>(m, "ReturnRowLayout")
+      .def(py::init([](int64_t hidden_bytes, int k) { return ReturnRowLayout{hidden_bytes, k}; }),
+           py::arg("hidden_bytes"), py::arg("num_topk"))
+      .def_property_readonly("bytes", &ReturnRowLayout::bytes);
+  py::class_<PartialRowLayout>(m, "PartialRowLayout")
+      .def(py::init([](int64_t hidden, int acc_elem_bytes, int k) { return PartialRowLayout{hidden, acc_elem_bytes, k}; }),
+           py::arg("hidden"), py::arg("acc_elem_bytes"), py::arg("num_topk"))
+      .def_property_readonly("bytes", &PartialRowLayout::bytes);
+
+  py::class_<SharedMemorySegment>(m, "SharedMemorySegment")
+      .def(py::init<const std::string&, int64_t, bool>(), py::arg("name"), py::arg("size_bytes"), py::arg("create"))
+      .def("unlink", &SharedMemorySegment::unlink)
+      .def("close", &SharedMemorySegment::close)
+      .def_property_readonly("address", &SharedMemorySegment::address)
+      .def_property_readonly("size_bytes", &SharedMemorySegment::size_bytes)
+      .def_property_readonly("name", &SharedMemorySegment::name);
+
+  m.def("memoryview_at", [](uintptr_t address, int64_t size_bytes) {
+    return py::memoryview::from_memory(as_ptr<void>(address), size_bytes, /*readonly=*/false);
+  });
+  m.def("atomic_load", &atomic_load);
+  m.def("atomic_store", &atomic_store);
+
+  m.def("compute_layout", &layout_entry, nogil);
+  m.def("plan_dispatch_sends", &plan_entry, nogil);
+
+  m.def(
+      "pack_records",
+      [](uintptr_t out, const RecordLayout& layout, uintptr_t x, uintptr_t scales, uintptr_t topk_idx,
+         uintptr_t topk_weights, int src_rank, uintptr_t token_ids, uintptr_t dst_rows, int64_t num_records,
+         int num_threads) {
+        const TokenSource source{as_ptr<const uint8_t>(x), as_ptr<const uint8_t>(scales),
+                                 as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), src_rank};
+        pack_records(as_ptr<uint8_t>(out), layout, source, as_ptr<const int32_t>(token_ids),
+                     as_ptr<const int32_t>(dst_rows), num_records, num_threads);
+      },
+      nogil);
+  m.def(
+      "unpack_records",
+      [](uintptr_t chunk, const RecordLayout& layout, int64_t num_records, int local_rank, uintptr_t recv_x,
+         uintptr_t recv_scales, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, int64_t expert_begin,
+         int64_t experts_per_rank, uintptr_t rows_out, uintptr_t src_ranks_out, uintptr_t src_tokens_out,
+         int num_threads) {
+        const ReceiveTarget target{as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_scales),
+                                   as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights), expert_begin,
+                                   experts_per_rank};
+        return unpack_records(as_ptr<const uint8_t>(chunk), layout, num_records, local_rank, target,
+                              as_ptr<int32_t>(rows_out), as_ptr<int32_t>(src_ranks_out),
+                              as_ptr<int32_t>(src_tokens_out), num_threads);
+      },
+      nogil);
+  m.def(
+      "copy_dst_rows",
+      [](uintptr_t chunk, const RecordLayout& layout, int64_t num_records, uintptr_t out) {
+        copy_dst_rows(as_ptr<const uint8_t>(chunk), layout, num_records, as_ptr<int32_t>(out));
+      },
+      nogil);
+  m.def(
+      "gather_return_rows",
+      [](uintptr_t out, const ReturnRowLayout& layout, uintptr_t x, uintptr_t weights, uintptr_t rows,
+         int64_t num_rows, int num_threads) {
+        gather_return_rows(as_ptr<uint8_t>(out), layout, as_ptr<const uint8_t>(x), as_ptr<const float>(weights),
+                           as_ptr<const int32_t>(rows), num_rows, num_threads);
+      },
+      nogil);
+  m.def(
+      "reduce_chunk",
+      [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl, int dtype,
+         uintptr_t partials, const PartialRowLayout& pl, int num_threads) {
+        reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl,
+                     static_cast<DType>(dtype), as_ptr<uint8_t>(partials), pl, num_threads);
+      },
+      nogil);
+  m.def(
+      "accumulate_partials",
+      [](uintptr_t acc, uintptr_t acc_weights, uintptr_t partials, const PartialRowLayout& pl, uintptr_t token_ids,
+         int64_t num_rows, int num_threads) {
+        accumulate_partials(as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights), as_ptr<const uint8_t>(partials), pl,
+                            as_ptr<const int32_t>(token_ids), num_rows, num_threads);
+      },
+      nogil);
+  m.def(
+      "finalize_combine",
+      [](uintptr_t acc, int acc_elem_bytes, uintptr_t out, int out_dtype, int64_t num_tokens, int64_t hidden,
+         uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype, int num_threads) {
+        finalize_combine(as_ptr<const uint8_t>(acc), acc_elem_bytes, as_ptr<uint8_t>(out),
+                         static_cast<DType>(out_dtype), num_tokens, hidden, as_ptr<const uint8_t>(bias0),
+                         static_cast<DType>(bias0_dtype), as_ptr<const uint8_t>(bias1),
+                         static_cast<DType>(bias1_dtype), num_threads);
+      },
+      nogil);
+}

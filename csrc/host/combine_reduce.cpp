@@ -1,0 +1,118 @@
+#include "combine_reduce.h"
+
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+
+namespace dispatch::host {
+
+namespace {
+constexpr int64_t kRowsPerThread = 16;
+
+template <typename AccT>
+void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, const std::vector<int64_t>& cursors,
+                    const uintptr_t* return_chunks, const ReturnRowLayout& rl, DType dtype, uint8_t* partials,
+                    const PartialRowLayout& pl) {
+  const int64_t hidden = pl.hidden;
+  const int k = pl.num_topk;
+  for (int64_t i = begin; i < end; ++i) {
+    AccT* part = reinterpret_cast<AccT*>(partials + i * pl.bytes());
+    float* part_weights = reinterpret_cast<float*>(partials + i * pl.bytes() + pl.weights_offset());
+    for (int64_t h = 0; h < hidden; ++h) part[h] = AccT(0);
+    for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
+    for (int l = 0; l < L; ++l) {
+      if (dst_rows[i * L + l] < 0) continue;
+      const uint8_t* row = reinterpret_cast<const uint8_t*>(return_chunks[l]) + cursors[i * L + l] * rl.bytes();
+      add_row(part, row, dtype, hidden);
+      if (k > 0) add_row(part_weights, row + rl.weights_offset(), DType::kFloat32, k);
+    }
+  }
+}
+
+template <typename AccT>
+void accumulate_rows(uint8_t* acc, float* acc_weights, const uint8_t* partials, const PartialRowLayout& pl,
+                     const int32_t* token_ids, int64_t begin, int64_t end) {
+  const int64_t hidden = pl.hidden;
+  const int k = pl.num_topk;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = token_ids[i];
+    AccT* dst = reinterpret_cast<AccT*>(acc) + t * hidden;
+    const AccT* src = reinterpret_cast<const AccT*>(partials + i * pl.bytes());
+    for (int64_t h = 0; h < hidden; ++h) dst[h] += src[h];
+    if (k > 0) {
+      const float* src_weights = reinterpret_cast<const float*>(partials + i * pl.bytes() + pl.weights_offset());
+      for (int j = 0; j < k; ++j) acc_weights[t * k + j] += src_weights[j];
+    }
+  }
+}
+
+template <typename AccT>
+void finalize_rows(const uint8_t* acc, uint8_t* out, DType out_dtype, int64_t begin, int64_t end, int64_t hidden,
+                   const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1, DType bias1_dtype) {
+  std::vector<AccT> row(static_cast<size_t>(hidden));
+  const int out_bytes = dtype_bytes(out_dtype);
+  for (int64_t t = begin; t < end; ++t) {
+    std::memcpy(row.data(), acc + t * hidden * sizeof(AccT), hidden * sizeof(AccT));
+    if (bias0 != nullptr) add_row(row.data(), bias0 + t * hidden * dtype_bytes(bias0_dtype), bias0_dtype, hidden);
+    if (bias1 != nullptr) add_row(row.data(), bias1 + t * hidden * dtype_bytes(bias1_dtype), bias1_dtype, hidden);
+    store_row(out + t * hidden * out_bytes, row.data(), out_dtype, hidden);
+  }
+}
+}  // namespace
+
+void gather_return_rows(uint8_t* out, const ReturnRowLayout& layout, const uint8_t* x, const float* weights,
+                        const int32_t* rows, int64_t num_rows, int num_threads) {
+  parallel_for(num_rows, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      uint8_t* dst = out + i * layout.bytes();
+      const int64_t row = rows[i];
+      std::memcpy(dst, x + row * layout.hidden_bytes, static_cast<size_t>(layout.hidden_bytes));
+      if (layout.num_topk > 0)
+        std::memcpy(dst + layout.weights_offset(), weights + row * layout.num_topk, 4 * static_cast<size_t>(layout.num_topk));
+    }
+  });
+}
+
+void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
+                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
+                  uint8_t* partials, const PartialRowLayout& partial_layout, int num_threads) {
+  const int L = num_ranks_per_node;
+  // Position of each record's row inside each local rank's return chunk (a prefix count).
+  std::vector<int64_t> cursors(static_cast<size_t>(num_records * L));
+  std::vector<int64_t> next(static_cast<size_t>(L), 0);
+  for (int64_t i = 0; i < num_records; ++i)
+    for (int l = 0; l < L; ++l)
+      cursors[i * L + l] = dst_rows[i * L + l] >= 0 ? next[l]++ : -1;
+  parallel_for(num_records, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    if (partial_layout.acc_elem_bytes == 8)
+      reduce_records<double>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, partials, partial_layout);
+    else
+      reduce_records<float>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, partials, partial_layout);
+  });
+}
+
+void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,
+                         const PartialRowLayout& partial_layout, const int32_t* token_ids, int64_t num_rows,
+                         int num_threads) {
+  // Token ids within one call are distinct, so ranges never write the same row.
+  parallel_for(num_rows, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    if (partial_layout.acc_elem_bytes == 8)
+      accumulate_rows<double>(acc, acc_weights, partials, partial_layout, token_ids, begin, end);
+    else
+      accumulate_rows<float>(acc, acc_weights, partials, partial_layout, token_ids, begin, end);
+  });
+}
+
+void finalize_combine(const uint8_t* acc, int acc_elem_bytes, uint8_t* out, DType out_dtype, int64_t num_tokens,
+                      int64_t hidden, const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1,
+                      DType bias1_dtype, int num_threads) {
+  parallel_for(num_tokens, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
+    if (acc_elem_bytes == 8)
+      finalize_rows<double>(acc, out, out_dtype, begin, end, hidden, bias0, bias0_dtype, bias1, bias1_dtype);
+    else
+      finalize_rows<float>(acc, out, out_dtype, begin, end, hidden, bias0, bias0_dtype, bias1, bias1_dtype);
+  });
+}
+
+}  // namespace dispatch::host

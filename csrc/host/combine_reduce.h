@@ -1,0 +1,34 @@
+// Combine executors on the CPU: gather the rows a local rank returns to a reducer, reduce one
+// chunk in the fixed order (local rank ascending), accumulate node partials at the source
+// (own node first, then the others ascending) and write the result with bias.
+#pragma once
+
+#include <cstdint>
+
+#include "../common/record.h"
+#include "dtype.h"
+
+namespace dispatch::host {
+
+// out[i] = (x[rows[i]], weights[rows[i]]) in ReturnRowLayout.
+void gather_return_rows(uint8_t* out, const ReturnRowLayout& layout, const uint8_t* x, const float* weights,
+                        const int32_t* rows, int64_t num_rows, int num_threads);
+
+// For every record i of a reducer's chunk: partial[i] = 0 + row(j0) + row(j1) + ... over the
+// local ranks j (ascending) with dst_rows[i * L + j] >= 0, read from return_chunks[j] (rows of
+// rank j for this chunk, in record order). Accumulates in float (acc_elem_bytes 4) or double.
+void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
+                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
+                  uint8_t* partials, const PartialRowLayout& partial_layout, int num_threads);
+
+// acc[token_ids[i]] += partial[i]; acc_weights likewise (float32).
+void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,
+                         const PartialRowLayout& partial_layout, const int32_t* token_ids, int64_t num_rows,
+                         int num_threads);
+
+// out = cast(acc + bias0 + bias1) row by row (bias pointers may be null).
+void finalize_combine(const uint8_t* acc, int acc_elem_bytes, uint8_t* out, DType out_dtype, int64_t num_tokens,
+                      int64_t hidden, const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1,
+                      DType bias1_dtype, int num_threads);
+
+}  // namespace dispatch::host

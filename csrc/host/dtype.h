@@ -1,0 +1,106 @@
+// Element types of the CPU backend and exact conversions to and from the accumulation type.
+// Conversions round to nearest even, as torch's own casts do, so results match the reference.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace dispatch::host {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kBytes = 4 };
+
+inline int dtype_bytes(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return 4;
+    case DType::kBFloat16: return 2;
+    case DType::kFloat16: return 2;
+    case DType::kFloat64: return 8;
+    default: return 1;
+  }
+}
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
+
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN, as c10::BFloat16
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float fp16_to_float(uint16_t bits) {
+  _Float16 half;
+  std::memcpy(&half, &bits, sizeof(half));
+  return static_cast<float>(half);
+}
+
+inline uint16_t float_to_fp16(float value) {
+  const _Float16 half = static_cast<_Float16>(value);
+  uint16_t bits;
+  std::memcpy(&bits, &half, sizeof(bits));
+  return bits;
+}
+
+// Adds row `src` (of `dtype`) element-wise into the accumulator `acc` (AccT = float or double).
+template <typename AccT>
+inline void add_row(AccT* acc, const void* src, DType dtype, int64_t count) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* s = static_cast<const float*>(src);
+      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(s[i]);
+      break;
+    }
+    case DType::kFloat64: {
+      const double* s = static_cast<const double*>(src);
+      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(s[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(bf16_to_float(s[i]));
+      break;
+    }
+    case DType::kFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(fp16_to_float(s[i]));
+      break;
+    }
+    default: break;
+  }
+}
+
+// Writes the accumulator row to `dst` in `dtype`.
+template <typename AccT>
+inline void store_row(void* dst, const AccT* acc, DType dtype, int64_t count) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      float* d = static_cast<float*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = static_cast<float>(acc[i]);
+      break;
+    }
+    case DType::kFloat64: {
+      double* d = static_cast<double*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = static_cast<double>(acc[i]);
+      break;
+    }
+    case DType::kBFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = float_to_bf16(static_cast<float>(acc[i]));
+      break;
+    }
+    case DType::kFloat16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < count; ++i) d[i] = float_to_fp16(static_cast<float>(acc[i]));
+      break;
+    }
+    default: break;
+  }
+}
+
+}  // namespace dispatch::host

@@ -1,0 +1,273 @@
+"""CPU backend: one rank per process, shared memory inside a node, gloo on the rail."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from ..topology import Topology
+from . import notify as nt
+from .combine_op import run_combine
+from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
+from .node_link import NodeLink
+from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
+from .rail_link import RailLink
+
+DEFAULT_NVL_BYTES = 16 << 20
+DEFAULT_RDMA_BYTES = 16 << 20
+MAX_CHUNK_RECORDS = 256
+OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4}
+
+
+class HostBackend:
+    """Owns the node segment, the rail group and the rail staging of one rank.
+
+    Args:
+        group: the buffer's process group.
+        topo: this rank's topology.
+        num_nvl_bytes: shared-memory staging per rank (0 = 16 MiB).
+        num_rdma_bytes: rail staging per rank (0 = 16 MiB).
+        timeout_s: seconds without progress before a peer is declared missing.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, topo: Topology, num_nvl_bytes: int, num_rdma_bytes: int,
+                 timeout_s: float) -> None:
+        self.topo = topo
+        self.timeout_s = timeout_s
+        self.node = NodeLink(group, topo, num_nvl_bytes or DEFAULT_NVL_BYTES,
+                             nt.notify_words(topo.num_ranks, topo.num_nodes))
+        self.rail = RailLink(group, topo, timeout_s)
+        remote = topo.num_nodes - 1
+        self.rdma_slot_bytes = max(4096, (num_rdma_bytes or DEFAULT_RDMA_BYTES) // max(1, 4 * remote))
+        self._rail_staging: List[torch.Tensor] = []
+        self._seq = 0
+        self.last_stats: Dict[str, object] = {}
+
+    @property
+    def rail_staging(self) -> List[torch.Tensor]:
+        if not self._rail_staging:
+            self._rail_staging = [torch.empty(self.rdma_slot_bytes, dtype=torch.uint8)
+                                  for _ in range(4 * (self.topo.num_nodes - 1))]
+        return self._rail_staging
+
+    # --- notify --------------------------------------------------------------------------
+    def notify(self, op: int, header: Dict[int, int], payload: Optional[torch.Tensor],
+               error: Optional[BaseException]) -> torch.Tensor:
+        """Runs the per-call handshake; raises on every rank if any rank's arguments were bad."""
+        self._seq += 1
+        row = torch.zeros(nt.notify_words(self.topo.num_ranks, self.topo.num_nodes), dtype=torch.int64)
+        row[nt.SEQ] = self._seq
+        row[nt.OP] = op
+        row[nt.STATUS] = nt.STATUS_BAD_ARGS if error is not None else nt.STATUS_OK
+        row[nt.MISSING] = -1
+        for word, value in header.items():
+            row[word] = value
+        if payload is not None and error is None:
+            row[nt.HEADER_WORDS:nt.HEADER_WORDS + payload.numel()] = payload
+        matrix = nt.exchange(self.node, self.rail, row, self.timeout_s, nt.OP_NAMES[op])
+        nt.check_agreement(matrix, op, error)
+        return matrix
+
+    # --- dispatch ------------------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+                 topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
+                 num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
+                 num_experts: int, expert_alignment: int, num_worst_tokens: int, chunk_tokens: Optional[int],
+                 num_threads: int, error: Optional[BaseException]):
+        """Full dispatch. Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle)."""
+        topo = self.topo
+        R, N, L = topo.num_ranks, topo.num_nodes, topo.num_ranks_per_node
+        header = {}
+        payload = None
+        if error is None:
+            num_tokens, hidden = x.shape
+            k = topk_idx.shape[1] if topk_idx is not None else 0
+            node_counts = is_token_in_rank.view(num_tokens, N, L).any(dim=2).sum(dim=0)
+            expert_counts = (num_tokens_per_expert if num_tokens_per_expert is not None
+                             else torch.zeros(num_experts, dtype=torch.int32))
+            payload = torch.cat([num_tokens_per_rank.to(torch.int64), node_counts.to(torch.int64),
+                                 expert_counts.to(torch.int64)])
+            header = {nt.HIDDEN: hidden, nt.DTYPE: DTYPE_CODES[x.dtype], nt.NUM_TOPK: k,
+                      nt.NUM_EXPERTS: num_experts, nt.NUM_TOKENS: num_tokens,
+                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens}
+        matrix = self.notify(OP_DISPATCH, header, payload, error)
+        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
+                           (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns")):
+            nt.check_same(matrix, word, name)
+        h0 = nt.HEADER_WORDS
+        rank_counts = matrix[:, h0:h0 + R]
+        node_counts_all = matrix[:, h0 + R:h0 + R + N]
+        expert_counts_all = matrix[:, h0 + R + N:h0 + R + N + num_experts]
+        recv_per_rank = rank_counts.sum(dim=0)
+        worst = matrix[:, nt.WORST]
+        too_small = ((worst > 0) & (recv_per_rank > worst)).nonzero().flatten().tolist()
+        if too_small:
+            d = too_small[0]
+            raise ValueError(f"num_worst_tokens={int(worst[d])} at rank {d} is below the {int(recv_per_rank[d])} "
+                             f"tokens it receives")
+
+        num_tokens, hidden = x.shape
+        k = topk_idx.shape[1] if topk_idx is not None else 0
+        record = _C.RecordLayout(L, k, hidden * x.element_size(), scales.shape[1] * 4 if scales is not None else 0)
+        chunk_records = self._chunk_records(record, hidden, k, x.dtype == torch.float64, chunk_tokens)
+        plan = plan_sends(topo, is_token_in_rank, rank_counts)
+        schedules = [outbox_schedule(topo, topo.rank_of(topo.node, j), node_counts_all, chunk_records)
+                     for j in range(L)]
+
+        num_recv = int(recv_per_rank[topo.rank])
+        rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+        experts_per_rank = num_experts // R
+        alloc = torch.zeros if num_worst_tokens > 0 else torch.empty
+        recv_x = alloc((rows, hidden), dtype=x.dtype)
+        recv_scales = alloc((rows, scales.shape[1]), dtype=torch.float32) if scales is not None else None
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_topk_idx = torch.full((rows, k), -1, dtype=torch.int64)
+            recv_topk_weights = torch.zeros((rows, k), dtype=torch.float32)
+        log: Dict[str, object] = {"recv_src_rank": torch.full((rows,), -1, dtype=torch.int32),
+                                  "recv_src_token": torch.full((rows,), -1, dtype=torch.int32)}
+        weights = topk_weights if topk_weights is not None else (
+            torch.ones_like(topk_idx, dtype=torch.float32) if topk_idx is not None else None)
+        payload_bytes = DispatchPayload(_bytes(x), _bytes(scales) if scales is not None else None,
+                                        topk_idx, weights)
+        receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
+                                 recv_topk_idx, recv_topk_weights, topo.rank * experts_per_rank, experts_per_rank)
+        run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
+                     self.rail_staging, record, num_threads, self.timeout_s, log)
+
+        local_expert_counts = expert_counts_all[:, topo.rank * experts_per_rank:(topo.rank + 1) * experts_per_rank]
+        per_expert = local_expert_counts.sum(dim=0).tolist()
+        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
+        handle = HostHandle(num_tokens=num_tokens, num_recv_tokens=num_recv, num_worst_tokens=num_worst_tokens,
+                            hidden=hidden, chunk_records=chunk_records, node_counts=node_counts_all,
+                            rank_counts=rank_counts, send_plan=plan, schedules=schedules,
+                            outbox_dst_rows=log["outbox_dst_rows"],
+                            recv_rows_by_producer=log["recv_rows_by_producer"],
+                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"])
+        self._record_dispatch_stats(handle, record.bytes)
+        if topk_idx is None:
+            per_expert = None
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
+
+    def cached_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
+                        num_threads: int, error: Optional[BaseException]):
+        """Re-sends a new ``x`` along ``handle``'s routes. Returns (recv_x, recv_scales)."""
+        header = {}
+        if error is None:
+            header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
+                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0}
+        matrix = self.notify(OP_CACHED_DISPATCH, header, None, error)
+        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.SCALE_COLS, "FP8 scale columns")):
+            nt.check_same(matrix, word, name)
+        topo = self.topo
+        hidden = x.shape[1]
+        record = _C.RecordLayout(topo.num_ranks_per_node, 0, hidden * x.element_size(),
+                                 scales.shape[1] * 4 if scales is not None else 0)
+        if handle.chunk_records * record.bytes > min(self.node.slot_bytes, self.rdma_slot_bytes):
+            raise ValueError("x: rows of this cached dispatch are wider than the handle's chunks allow")
+        rows = handle.num_recv_rows
+        alloc = torch.zeros if handle.num_worst_tokens > 0 else torch.empty
+        recv_x = alloc((rows, hidden), dtype=x.dtype)
+        recv_scales = alloc((rows, scales.shape[1]), dtype=torch.float32) if scales is not None else None
+        payload = DispatchPayload(_bytes(x), _bytes(scales) if scales is not None else None, None, None)
+        receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
+                                 None, None, 0, 1)
+        run_dispatch(topo, self.node, self.rail, payload, receive, handle.send_plan, handle.schedules,
+                     handle.chunk_records, self.rail_staging, record, num_threads, self.timeout_s, None)
+        self._record_dispatch_stats(handle, record.bytes)
+        return recv_x, recv_scales
+
+    def _chunk_records(self, record: "_C.RecordLayout", hidden: int, k: int, is_f64: bool,
+                       chunk_tokens: Optional[int]) -> int:
+        acc_bytes = 8 if is_f64 else 4
+        return_row = _C.ReturnRowLayout(hidden * acc_bytes, k).bytes
+        partial_row = _C.PartialRowLayout(hidden, acc_bytes, k).bytes
+        fit_node = self.node.slot_bytes // max(record.bytes, return_row)
+        fit_rail = self.rdma_slot_bytes // max(record.bytes, partial_row)
+        chunk = min(chunk_tokens or MAX_CHUNK_RECORDS, fit_node, fit_rail)
+        if chunk < 1:
+            raise ValueError(f"num_nvl_bytes/num_rdma_bytes are too small for one token of hidden size {hidden}: "
+                             f"see Buffer.get_nvl_buffer_size_hint")
+        return chunk
+
+    # --- combine -------------------------------------------------------------------------
+    def combine(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
+                bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
+                error: Optional[BaseException]):
+        """Returns (combined_x, combined_topk_weights)."""
+        header = {}
+        if error is None:
+            header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
+                      nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0}
+        matrix = self.notify(OP_COMBINE, header, None, error)
+        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width")):
+            nt.check_same(matrix, word, name)
+        topo = self.topo
+        hidden = x.shape[1]
+        k = topk_weights.shape[1] if topk_weights is not None else 0
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_bytes = 8 if acc_dtype == torch.float64 else 4
+        return_layout = _C.ReturnRowLayout(hidden * x.element_size(), k)
+        partial_layout = _C.PartialRowLayout(hidden, acc_bytes, k)
+        C = handle.chunk_records
+        if C * return_layout.bytes > self.node.slot_bytes or C * partial_layout.bytes > self.rdma_slot_bytes:
+            raise ValueError("x: combine rows are wider than the dispatch's chunks allow (dispatch in float64 "
+                             "to combine in float64)")
+        acc = torch.zeros((handle.num_tokens, hidden), dtype=acc_dtype)
+        acc_weights = torch.zeros((handle.num_tokens, k), dtype=torch.float32) if k else None
+        weights = topk_weights.contiguous() if topk_weights is not None else None
+        run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
+                    acc_weights, return_layout, partial_layout, self.rail_staging, num_threads, self.timeout_s)
+        out = torch.empty((handle.num_tokens, hidden), dtype=x.dtype)
+        bias0, bias1 = bias
+        _C.finalize_combine(acc.data_ptr(), acc_bytes, out.data_ptr(), DTYPE_CODES[x.dtype], handle.num_tokens,
+                            hidden, bias0.data_ptr() if bias0 is not None else 0,
+                            DTYPE_CODES[bias0.dtype] if bias0 is not None else 0,
+                            bias1.data_ptr() if bias1 is not None else 0,
+                            DTYPE_CODES[bias1.dtype] if bias1 is not None else 0, num_threads)
+        self._record_combine_stats(handle, return_layout.bytes, partial_layout.bytes)
+        return out, acc_weights
+
+    # --- traffic counters ----------------------------------------------------------------
+    def _record_dispatch_stats(self, handle: HostHandle, record_bytes: int) -> None:
+        topo = self.topo
+        me, n, l = topo.rank, topo.node, topo.local_rank
+        rail_copies = sum(int(handle.node_counts[me, m]) for m in range(topo.num_nodes) if m != n)
+        flat = sum(int(handle.rank_counts[me, d]) for d in range(topo.num_ranks) if topo.node_of(d) != n)
+        dst = handle.outbox_dst_rows
+        node_copies = int((dst >= 0).sum()) - int((dst[:, l] >= 0).sum()) if dst.numel() else 0
+        self.last_stats = _stats("dispatch", rail_copies, flat, node_copies, record_bytes, record_bytes)
+
+    def _record_combine_stats(self, handle: HostHandle, return_bytes: int, partial_bytes: int) -> None:
+        topo = self.topo
+        n, l = topo.node, topo.local_rank
+        rail_copies = sum(int(handle.node_counts[topo.rail_peer(m), n]) for m in range(topo.num_nodes) if m != n)
+        src = handle.recv_src_rank[:handle.num_recv_tokens].long()
+        flat = int((src // topo.num_ranks_per_node != n).sum())
+        node_copies = int((src % topo.num_ranks_per_node != l).sum())
+        self.last_stats = _stats("combine", rail_copies, flat, node_copies, partial_bytes, return_bytes)
+
+    def destroy(self) -> None:
+        self.rail.close()
+        self.node.close()
+        self._rail_staging = []
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``[rows, row_bytes]`` uint8 view of a 2-D tensor."""
+    tensor = tensor.contiguous()
+    return tensor.view(torch.uint8).view(tensor.shape[0], -1) if tensor.dim() == 2 else tensor.view(torch.uint8)
+
+
+def _stats(op: str, rail_copies: int, flat: int, node_copies: int, rail_bytes_per_token: int,
+           node_bytes_per_token: int) -> Dict[str, object]:
+    return {"op": op, "rail_token_copies": rail_copies, "flat_rail_token_copies": flat,
+            "node_token_copies": node_copies, "rail_bytes_per_token": rail_bytes_per_token,
+            "node_bytes_per_token": node_bytes_per_token, "rail_bytes": rail_copies * rail_bytes_per_token,
+            "node_bytes": node_copies * node_bytes_per_token}

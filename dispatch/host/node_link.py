@@ -1,0 +1,159 @@
+"""The in-node link of the CPU backend: one POSIX shared-memory segment per node.
+
+Each local rank owns an *area* of the segment, laid out as::
+
+    control block (counters, each on its own cache line; two notify rows)
+    outbox slots   [OUTBOX_SLOTS]        dispatch records this rank exposes to its node
+    return slots   [L][RETURN_SLOTS]     combine rows this rank returns to each local reducer
+
+All counters grow monotonically across calls (slot = counter % slots), so no reset or barrier
+is needed between calls. The name is unlinked as soon as every local rank has mapped the
+segment, so nothing is left in /dev/shm even if a process dies.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from ..topology import Topology
+from .progress import Progress
+
+OUTBOX_SLOTS = 4
+RETURN_SLOTS = 2
+_LINE = 64
+_MIN_SLOT_BYTES = 4096
+
+
+def _align(value: int, alignment: int) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+class NodeLink:
+    """Shared-memory segment of this rank's node and the ring counters inside it.
+
+    Args:
+        group: the buffer's process group (collective: every rank constructs it).
+        topo: this rank's topology.
+        num_nvl_bytes: staging budget per rank in bytes.
+        notify_words: int64 words of one notify row.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, topo: Topology, num_nvl_bytes: int, notify_words: int) -> None:
+        self.topo = topo
+        L = topo.num_ranks_per_node
+        self.notify_words = notify_words
+        # Control block offsets.
+        self._pid_off = 0
+        self._notify_seq_off = _LINE  # two lines
+        self._acked_off = 3 * _LINE  # L lines: reader i's ack of this outbox
+        self._published_off = self._acked_off + L * _LINE
+        self._ret_published_off = self._published_off + _LINE  # L lines, one per reducer
+        self._ret_consumed_off = self._ret_published_off + L * _LINE  # L lines
+        self._notify_rows_off = self._ret_consumed_off + L * _LINE
+        ctrl_bytes = _align(self._notify_rows_off + 2 * notify_words * 8, 4096)
+        num_slots = OUTBOX_SLOTS + L * RETURN_SLOTS
+        self.slot_bytes = max(_MIN_SLOT_BYTES, (max(num_nvl_bytes, 0) - ctrl_bytes) // num_slots // _LINE * _LINE)
+        self._outbox_off = ctrl_bytes
+        self._returns_off = ctrl_bytes + OUTBOX_SLOTS * self.slot_bytes
+        self.area_bytes = ctrl_bytes + num_slots * self.slot_bytes
+        self._segment = self._map_segment(group, topo, L * self.area_bytes)
+        self._base = self._segment.address
+        self._views: dict = {}
+        _C.atomic_store(self._addr(topo.local_rank, self._pid_off), os.getpid())
+        dist.barrier(group=group)  # every pid is written before anyone reads it
+        self.local_pids = {topo.rank_of(topo.node, j): self.load(self._addr(j, self._pid_off))
+                           for j in range(L) if j != topo.local_rank}
+        self._notify_seq = 0
+
+    @staticmethod
+    def _map_segment(group: dist.ProcessGroup, topo: Topology, size_bytes: int) -> "_C.SharedMemorySegment":
+        token: List[str] = [uuid.uuid4().hex[:16] if dist.get_rank(group) == 0 else ""]
+        dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+        name = f"/dispatch-{token[0]}-node{topo.node}"
+        creator = topo.local_rank == 0
+        segment = _C.SharedMemorySegment(name, size_bytes, True) if creator else None
+        try:
+            dist.barrier(group=group)
+            if not creator:
+                segment = _C.SharedMemorySegment(name, size_bytes, False)
+            dist.barrier(group=group)
+        finally:
+            if segment is not None and creator:
+                segment.unlink()
+        return segment
+
+    # --- addresses -------------------------------------------------------------------------
+    def _addr(self, local_rank: int, offset: int) -> int:
+        return self._base + local_rank * self.area_bytes + offset
+
+    def outbox_published(self, producer: int) -> int:
+        return self._addr(producer, self._published_off)
+
+    def outbox_acked(self, producer: int, reader: int) -> int:
+        return self._addr(producer, self._acked_off + reader * _LINE)
+
+    def outbox_slot(self, producer: int, position: int) -> int:
+        return self._addr(producer, self._outbox_off + (position % OUTBOX_SLOTS) * self.slot_bytes)
+
+    def return_published(self, writer: int, reducer: int) -> int:
+        return self._addr(writer, self._ret_published_off + reducer * _LINE)
+
+    def return_consumed(self, writer: int, reducer: int) -> int:
+        return self._addr(writer, self._ret_consumed_off + reducer * _LINE)
+
+    def return_slot(self, writer: int, reducer: int, position: int) -> int:
+        slot = reducer * RETURN_SLOTS + position % RETURN_SLOTS
+        return self._addr(writer, self._returns_off + slot * self.slot_bytes)
+
+    @staticmethod
+    def load(address: int) -> int:
+        return _C.atomic_load(address)
+
+    @staticmethod
+    def store(address: int, value: int) -> None:
+        _C.atomic_store(address, value)
+
+    def view(self, address: int, num_bytes: int) -> torch.Tensor:
+        """A uint8 tensor over ``num_bytes`` of the segment at ``address`` (for gloo receives)."""
+        return torch.frombuffer(_C.memoryview_at(address, num_bytes), dtype=torch.uint8)
+
+    # --- notify --------------------------------------------------------------------------
+    def exchange_rows(self, row: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
+        """All-gathers one int64 row per local rank through the segment: returns ``[L, words]``.
+
+        Two row slots alternate by call parity: a rank can be at most one exchange ahead of a
+        peer still reading, because it needs that peer's next row to finish its own.
+        """
+        L = self.topo.num_ranks_per_node
+        self._notify_seq += 1
+        seq = self._notify_seq
+        parity = seq % 2
+        me = self.topo.local_rank
+        rows_off = self._notify_rows_off + parity * self.notify_words * 8
+        mine = self.view(self._addr(me, rows_off), self.notify_words * 8).view(torch.int64)
+        mine.copy_(row)
+        self.store(self._addr(me, self._notify_seq_off + parity * _LINE), seq)
+        out = torch.empty((L, self.notify_words), dtype=torch.int64)
+        pending = set(range(L))
+        progress = Progress(timeout_s, what, lambda: self.topo.rank_of(self.topo.node, min(pending)),
+                            self.local_pids)
+        while pending:
+            done = [j for j in pending if self.load(self._addr(j, self._notify_seq_off + parity * _LINE)) == seq]
+            for j in done:
+                out[j].copy_(self.view(self._addr(j, rows_off), self.notify_words * 8).view(torch.int64))
+                pending.discard(j)
+            if pending:
+                progress.step(bool(done))
+        return out
+
+    def close(self) -> None:
+        self._views.clear()
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None

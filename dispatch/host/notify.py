@@ -1,0 +1,107 @@
+"""Notify: every call starts with a hierarchical all-gather of one int64 row per rank.
+
+The rows carry the call's sequence number and kind, the rank's verdict on its own arguments,
+the shape facts that must agree across ranks, and the counts that size the receive side.
+Node rows go through shared memory; each rank then swaps its node's block with its rail peers,
+so metadata crosses the slow link once per node pair, like the data.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from ..errors import PeerTimeoutError
+from .node_link import NodeLink
+from .progress import Progress
+from .rail_link import RailLink, wait_all
+
+HEADER_WORDS = 16
+MAX_EXPERTS = 2048
+NOTIFY_TAG = 1 << 24
+
+# Header words.
+SEQ, OP, STATUS, HIDDEN, DTYPE, NUM_TOPK, NUM_EXPERTS, NUM_TOKENS, SCALE_COLS, MISSING, WORST = range(11)
+STATUS_OK, STATUS_BAD_ARGS, STATUS_MISSING_PEER = 0, 1, 2
+OP_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine"}
+
+
+def notify_words(num_ranks: int, num_nodes: int) -> int:
+    return HEADER_WORDS + num_ranks + num_nodes + MAX_EXPERTS
+
+
+def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float, what: str) -> torch.Tensor:
+    """All-gathers ``row`` (int64 ``[words]``) over the whole group: returns ``[R, words]``.
+
+    A rank that times out on a local peer still sends its block, marked with the missing rank,
+    so ranks on other nodes name the real culprit rather than the messenger.
+    """
+    topo = node.topo
+    L, N = topo.num_ranks_per_node, topo.num_nodes
+    try:
+        block = node.exchange_rows(row, timeout_s, what)
+    except PeerTimeoutError as error:
+        poisoned = row.clone()
+        poisoned[STATUS] = STATUS_MISSING_PEER
+        poisoned[MISSING] = error.rank
+        block = poisoned.expand(L, -1).contiguous()
+        _send_block_best_effort(rail, block)
+        raise
+    matrix = torch.empty((N, L, row.numel()), dtype=torch.int64)
+    matrix[topo.node] = block
+    if N > 1:
+        works: Dict[int, object] = {}
+        sends = []
+        for m in range(N):
+            if m == topo.node:
+                continue
+            peer = topo.rail_peer(m)
+            sends.append((peer, rail.isend(block, peer, NOTIFY_TAG)))
+            works[peer] = rail.irecv(matrix[m], peer, NOTIFY_TAG)
+        # Longer than a local wait, so a poisoned block from a peer's node arrives first.
+        progress = Progress(timeout_s * 1.25 + 1.0, what, lambda: min(works), node.local_pids)
+        wait_all(works, progress)
+        wait_all(dict(sends), progress)
+    matrix = matrix.view(topo.num_ranks, -1)
+    missing = (matrix[:, STATUS] == STATUS_MISSING_PEER).nonzero().flatten().tolist()
+    if missing:
+        raise PeerTimeoutError(int(matrix[missing[0], MISSING]), f"did not take part in {what}", timeout_s)
+    return matrix
+
+
+def _send_block_best_effort(rail: RailLink, block: torch.Tensor) -> None:
+    topo = rail.topo
+    if topo.num_nodes == 1:
+        return
+    for m in range(topo.num_nodes):
+        if m != topo.node:
+            try:
+                rail.isend(block, topo.rail_peer(m), NOTIFY_TAG)
+            except Exception:  # the messenger must not mask the original error
+                pass
+
+
+def check_agreement(matrix: torch.Tensor, op: int, my_error: Optional[BaseException]) -> None:
+    """Raises on every rank when ranks disagree on the call or one rejected its arguments."""
+    ops = matrix[:, OP]
+    seqs = matrix[:, SEQ]
+    for rank in range(matrix.shape[0]):
+        if int(ops[rank]) != op or int(seqs[rank]) != int(seqs[0]):
+            raise RuntimeError(
+                f"rank {rank} is in {OP_NAMES.get(int(ops[rank]), 'another call')} #{int(seqs[rank])} while this "
+                f"rank is in {OP_NAMES[op]} #{int(seqs[0])}: every rank must make the same calls in the same order")
+    if my_error is not None:
+        raise my_error
+    bad = (matrix[:, STATUS] == STATUS_BAD_ARGS).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{OP_NAMES[op]}: rank {bad[0]} rejected its arguments (see its error); nothing was sent")
+
+
+def check_same(matrix: torch.Tensor, word: int, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` when header ``word`` differs across ranks."""
+    values = matrix[:, word]
+    diff = (values != values[0]).nonzero().flatten().tolist()
+    if diff:
+        raise ValueError(f"{name} differs across ranks: rank 0 has {int(values[0])}, rank {diff[0]} has "
+                         f"{int(values[diff[0]])}")

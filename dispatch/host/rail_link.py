@@ -1,0 +1,131 @@
+"""The slow link of the CPU backend: gloo point-to-point among rail peers.
+
+Ranks with the same local index form one rail (one gloo subgroup each); a rank only ever
+talks to its rail peers over it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import timedelta
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..errors import PeerTimeoutError
+from ..topology import Topology
+
+
+class Pending:
+    """A rail transfer in flight: gloo's point-to-point work reports completion only through a
+    blocking ``wait()``, so a daemon waiter thread turns it into a flag the event loop polls."""
+
+    __slots__ = ("work", "finished", "error")
+
+    def __init__(self, work: "dist.Work") -> None:
+        self.work = work
+        self.finished = False
+        self.error: Optional[BaseException] = None
+
+
+class _Waiters:
+    """Daemon threads that block in ``work.wait()``; one more is started whenever all are busy,
+    so a transfer never queues behind another. Daemons never hold up interpreter exit."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[Pending]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, pending: Pending) -> None:
+        with self._lock:
+            if self._idle == 0:
+                threading.Thread(target=self._run, name="dispatch-rail-waiter", daemon=True).start()
+            else:
+                self._idle -= 1
+        self._queue.put(pending)
+
+    def _run(self) -> None:
+        while True:
+            pending = self._queue.get()
+            try:
+                pending.work.wait()
+            except BaseException as error:  # reported to the event loop, never lost
+                pending.error = error
+            pending.finished = True
+            with self._lock:
+                self._idle += 1
+
+
+_WAITERS = _Waiters()
+
+
+class RailLink:
+    """gloo subgroup of this rank's rail.
+
+    Args:
+        group: the buffer's process group (collective: every rank constructs it).
+        topo: this rank's topology.
+        timeout_s: the buffer's timeout; gloo's own is set longer so ours fires first.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, topo: Topology, timeout_s: float) -> None:
+        self.topo = topo
+        self.group: Optional[dist.ProcessGroup] = None
+        self._global = [dist.get_global_rank(group, r) for r in range(topo.num_ranks)]
+        if topo.num_nodes == 1:
+            return
+        gloo_timeout = timedelta(seconds=2 * timeout_s + 30)
+        # Every rank builds every rail group, in the same order: torch names groups by a
+        # counter, so a second Buffer gets fresh groups (hashed names would collide).
+        for local in range(topo.num_ranks_per_node):
+            ranks = [self._global[r] for r in topo.rail_ranks(local)]
+            rail_group = dist.new_group(ranks=ranks, backend="gloo", timeout=gloo_timeout)
+            if local == topo.local_rank:
+                self.group = rail_group
+
+    def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+        """Starts sending ``tensor`` to group rank ``peer``."""
+        return self._start(dist.isend, tensor, peer, tag)
+
+    def irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+        """Starts receiving into ``tensor`` from group rank ``peer``."""
+        return self._start(dist.irecv, tensor, peer, tag)
+
+    def _start(self, op, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+        try:
+            pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag))
+        except RuntimeError as error:
+            raise PeerTimeoutError(peer, f"is unreachable on the rail ({error})") from error
+        _WAITERS.submit(pending)
+        return pending
+
+    @staticmethod
+    def done(pending: Pending, peer: int) -> bool:
+        """True once the transfer finished; a failed transfer raises naming ``peer``."""
+        if not pending.finished:
+            return False
+        if pending.error is not None:
+            raise PeerTimeoutError(peer, f"failed on the rail ({pending.error})") from pending.error
+        return True
+
+    def close(self) -> None:
+        if self.group is not None:
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception:  # the default group may already be gone at exit
+                pass
+            self.group = None
+
+
+def wait_all(works: Dict[int, Pending], progress) -> None:
+    """Waits for every ``peer -> work`` with the progress object's timeout."""
+    pending = dict(works)
+    while pending:
+        finished = [peer for peer, work in pending.items() if RailLink.done(work, peer)]
+        for peer in finished:
+            del pending[peer]
+        if pending:
+            progress.step(bool(finished))
