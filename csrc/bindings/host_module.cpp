@@ -8,6 +8,7 @@
 #include "../common/layout.h"
 #include "../common/plan.h"
 #include "../common/record.h"
+#include "../host/block_pool.h"
 #include "../host/combine_reduce.h"
 #include "../host/dispatch_records.h"
 #include "../host/shm_segment.h"
@@ -81,6 +82,20 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("address", &SharedMemorySegment::address)
       .def_property_readonly("size_bytes", &SharedMemorySegment::size_bytes)
       .def_property_readonly("name", &SharedMemorySegment::name);
+
+  // Blocks expose the buffer protocol, so torch.frombuffer(block) keeps the block alive exactly
+  // as long as the tensor; its destructor hands the mapping back to the pool.
+  py::class_<Block>(m, "Block", py::buffer_protocol())
+      .def_property_readonly("address", [](const Block& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("size_bytes", &Block::size_bytes)
+      .def_buffer([](Block& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1, {b.size_bytes()}, {1});
+      });
+  py::class_<BlockPool, std::shared_ptr<BlockPool>>(m, "BlockPool")
+      .def(py::init<int64_t>(), py::arg("max_cached_bytes"))
+      .def("acquire", &BlockPool::acquire, py::arg("size_bytes"))
+      .def("clear", &BlockPool::clear)
+      .def_property_readonly("cached_bytes", &BlockPool::cached_bytes);
 
   m.def("memoryview_at", [](uintptr_t address, int64_t size_bytes) {
     return py::memoryview::from_memory(as_ptr<void>(address), size_bytes, /*readonly=*/false);

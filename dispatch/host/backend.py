@@ -12,6 +12,7 @@ from ..topology import Topology
 from . import notify as nt
 from .combine_op import run_combine
 from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
+from .memory import host_empty
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
 from .rail_link import RailLink
@@ -123,9 +124,9 @@ class HostBackend:
         num_recv = int(recv_per_rank[topo.rank])
         rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
         experts_per_rank = num_experts // R
-        alloc = torch.zeros if num_worst_tokens > 0 else torch.empty
-        recv_x = alloc((rows, hidden), dtype=x.dtype)
-        recv_scales = alloc((rows, scales.shape[1]), dtype=torch.float32) if scales is not None else None
+        pad = num_worst_tokens > 0
+        recv_x = host_empty((rows, hidden), x.dtype, zero=pad)
+        recv_scales = host_empty((rows, scales.shape[1]), torch.float32, zero=pad) if scales is not None else None
         recv_topk_idx = recv_topk_weights = None
         if topk_idx is not None:
             recv_topk_idx = torch.full((rows, k), -1, dtype=torch.int64)
@@ -172,9 +173,9 @@ class HostBackend:
         if handle.chunk_records * record.bytes > min(self.node.slot_bytes, self.rdma_slot_bytes):
             raise ValueError("x: rows of this cached dispatch are wider than the handle's chunks allow")
         rows = handle.num_recv_rows
-        alloc = torch.zeros if handle.num_worst_tokens > 0 else torch.empty
-        recv_x = alloc((rows, hidden), dtype=x.dtype)
-        recv_scales = alloc((rows, scales.shape[1]), dtype=torch.float32) if scales is not None else None
+        pad = handle.num_worst_tokens > 0
+        recv_x = host_empty((rows, hidden), x.dtype, zero=pad)
+        recv_scales = host_empty((rows, scales.shape[1]), torch.float32, zero=pad) if scales is not None else None
         payload = DispatchPayload(_bytes(x), _bytes(scales) if scales is not None else None, None, None)
         receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
                                  None, None, 0, 1)
@@ -219,12 +220,12 @@ class HostBackend:
         if C * return_layout.bytes > self.node.slot_bytes or C * partial_layout.bytes > self.rdma_slot_bytes:
             raise ValueError("x: combine rows are wider than the dispatch's chunks allow (dispatch in float64 "
                              "to combine in float64)")
-        acc = torch.zeros((handle.num_tokens, hidden), dtype=acc_dtype)
+        acc = host_empty((handle.num_tokens, hidden), acc_dtype, zero=True)
         acc_weights = torch.zeros((handle.num_tokens, k), dtype=torch.float32) if k else None
         weights = topk_weights.contiguous() if topk_weights is not None else None
         run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
                     acc_weights, return_layout, partial_layout, self.rail_staging, num_threads, self.timeout_s)
-        out = torch.empty((handle.num_tokens, hidden), dtype=x.dtype)
+        out = host_empty((handle.num_tokens, hidden), x.dtype)
         bias0, bias1 = bias
         _C.finalize_combine(acc.data_ptr(), acc_bytes, out.data_ptr(), DTYPE_CODES[x.dtype], handle.num_tokens,
                             hidden, bias0.data_ptr() if bias0 is not None else 0,
