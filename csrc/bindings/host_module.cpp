@@ -148,9 +148,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "reduce_chunk",
       [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl, int dtype,
-         uintptr_t partials, const PartialRowLayout& pl, int num_threads) {
+         uintptr_t partials, uintptr_t acc, uintptr_t acc_weights, uintptr_t token_ids, const PartialRowLayout& pl,
+         int num_threads) {
+        const ReduceTarget target{as_ptr<uint8_t>(partials), as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights),
+                                  as_ptr<const int32_t>(token_ids)};
         reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl,
-                     static_cast<DType>(dtype), as_ptr<uint8_t>(partials), pl, num_threads);
+                     static_cast<DType>(dtype), target, pl, num_threads);
       },
       nogil);
   m.def(

@@ -12,20 +12,29 @@ constexpr int64_t kRowsPerThread = 16;
 
 template <typename AccT>
 void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, const std::vector<int64_t>& cursors,
-                    const uintptr_t* return_chunks, const ReturnRowLayout& rl, DType dtype, uint8_t* partials,
+                    const uintptr_t* return_chunks, const ReturnRowLayout& rl, DType dtype, const ReduceTarget& target,
                     const PartialRowLayout& pl) {
   const int64_t hidden = pl.hidden;
   const int k = pl.num_topk;
   for (int64_t i = begin; i < end; ++i) {
-    AccT* part = reinterpret_cast<AccT*>(partials + i * pl.bytes());
-    float* part_weights = reinterpret_cast<float*>(partials + i * pl.bytes() + pl.weights_offset());
+    AccT* part;
+    float* part_weights;
+    if (target.token_ids != nullptr) {
+      const int64_t t = target.token_ids[i];
+      part = reinterpret_cast<AccT*>(target.acc) + t * hidden;
+      part_weights = target.acc_weights != nullptr ? target.acc_weights + t * k : nullptr;
+    } else {
+      part = reinterpret_cast<AccT*>(target.partials + i * pl.bytes());
+      part_weights = reinterpret_cast<float*>(target.partials + i * pl.bytes() + pl.weights_offset());
+    }
     for (int64_t h = 0; h < hidden; ++h) part[h] = AccT(0);
-    for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
+    if (part_weights != nullptr)
+      for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
     for (int l = 0; l < L; ++l) {
       if (dst_rows[i * L + l] < 0) continue;
       const uint8_t* row = reinterpret_cast<const uint8_t*>(return_chunks[l]) + cursors[i * L + l] * rl.bytes();
       add_row(part, row, dtype, hidden);
-      if (k > 0) add_row(part_weights, row + rl.weights_offset(), DType::kFloat32, k);
+      if (k > 0 && part_weights != nullptr) add_row(part_weights, row + rl.weights_offset(), DType::kFloat32, k);
     }
   }
 }
@@ -76,7 +85,7 @@ void gather_return_rows(uint8_t* out, const ReturnRowLayout& layout, const uint8
 
 void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
                   const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
-                  uint8_t* partials, const PartialRowLayout& partial_layout, int num_threads) {
+                  const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads) {
   const int L = num_ranks_per_node;
   // Position of each record's row inside each local rank's return chunk (a prefix count).
   std::vector<int64_t> cursors(static_cast<size_t>(num_records * L));
@@ -86,9 +95,9 @@ void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_pe
       cursors[i * L + l] = dst_rows[i * L + l] >= 0 ? next[l]++ : -1;
   parallel_for(num_records, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
     if (partial_layout.acc_elem_bytes == 8)
-      reduce_records<double>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, partials, partial_layout);
+      reduce_records<double>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, target, partial_layout);
     else
-      reduce_records<float>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, partials, partial_layout);
+      reduce_records<float>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, target, partial_layout);
   });
 }
 

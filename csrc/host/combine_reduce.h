@@ -14,12 +14,23 @@ namespace dispatch::host {
 void gather_return_rows(uint8_t* out, const ReturnRowLayout& layout, const uint8_t* x, const float* weights,
                         const int32_t* rows, int64_t num_rows, int num_threads);
 
+// Where reduce_chunk writes: either packed partial rows (PartialRowLayout, for the rail) or,
+// with token_ids, straight into the source's accumulator rows acc[token_ids[i]] (own tokens:
+// the first term of the sum is 0 + partial, which equals partial exactly since a partial that
+// starts from +0 is never -0).
+struct ReduceTarget {
+  uint8_t* partials;       // packed rows, or null
+  uint8_t* acc;            // [T, hidden] accumulation type, or null
+  float* acc_weights;      // [T, k], or null
+  const int32_t* token_ids;
+};
+
 // For every record i of a reducer's chunk: partial[i] = 0 + row(j0) + row(j1) + ... over the
 // local ranks j (ascending) with dst_rows[i * L + j] >= 0, read from return_chunks[j] (rows of
 // rank j for this chunk, in record order). Accumulates in float (acc_elem_bytes 4) or double.
 void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
                   const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
-                  uint8_t* partials, const PartialRowLayout& partial_layout, int num_threads);
+                  const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads);
 
 // acc[token_ids[i]] += partial[i]; acc_weights likewise (float32).
 void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,

@@ -220,8 +220,8 @@ class HostBackend:
         if C * return_layout.bytes > self.node.slot_bytes or C * partial_layout.bytes > self.rdma_slot_bytes:
             raise ValueError("x: combine rows are wider than the dispatch's chunks allow (dispatch in float64 "
                              "to combine in float64)")
-        acc = host_empty((handle.num_tokens, hidden), acc_dtype, zero=True)
-        acc_weights = torch.zeros((handle.num_tokens, k), dtype=torch.float32) if k else None
+        acc = host_empty((handle.num_tokens, hidden), acc_dtype)  # run_combine initialises it
+        acc_weights = torch.empty((handle.num_tokens, k), dtype=torch.float32) if k else None
         weights = topk_weights.contiguous() if topk_weights is not None else None
         run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
                     acc_weights, return_layout, partial_layout, self.rail_staging, num_threads, self.timeout_s)

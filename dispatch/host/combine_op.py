@@ -54,7 +54,12 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     reduce_next = 0
     own_chunks = sum(1 for src, _, _ in schedule if src == me)
     own_tokens = handle.send_plan.tokens(topo.node)
-    own_partials = torch.empty(max(1, C) * pb, dtype=torch.uint8)
+    # Own tokens' partials go straight into acc; rows no own-node partial writes start at 0.
+    untouched = torch.ones(handle.num_tokens, dtype=torch.bool)
+    untouched[own_tokens.long()] = False
+    acc[untouched] = 0
+    if acc_weights is not None:
+        acc_weights[untouched] = 0
     remote_sources = [topo.rail_peer(m) for m in range(topo.num_nodes) if m != topo.node]
     send_slots = {src: rail_staging[4 * i:4 * i + 2] for i, src in enumerate(remote_sources)}
     send_works: Dict[int, List[Optional[object]]] = {src: [None, None] for src in remote_sources}
@@ -126,27 +131,24 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
             if any(node.load(node.return_published(j, local)) <= consumed_base[j] + consumed_next[j]
                    for j in involved):
                 break
+            out = None
             if src != me:
                 slot = send_count[src] % 2
                 if send_works[src][slot] is not None:
                     break
                 out = send_slots[src][slot]
-            else:
-                out = own_partials
             chunk_pointers.zero_()
             for j in involved:
                 chunk_pointers[j] = node.return_slot(j, local, consumed_base[j] + consumed_next[j])
+            tokens = own_tokens[chunk * C:chunk * C + count] if out is None else None
             _timed("combine.reduce", count * pb, _C.reduce_chunk, dst_rows.data_ptr(), count, L,
-                   chunk_pointers.data_ptr(), return_layout, x_dtype_code, out.data_ptr(), partial_layout,
-                   num_threads)
+                   chunk_pointers.data_ptr(), return_layout, x_dtype_code, _ptr(out),
+                   acc.data_ptr() if out is None else 0, _ptr(acc_weights) if out is None else 0, _ptr(tokens),
+                   partial_layout, num_threads)
             for j in involved:
                 consumed_next[j] += 1
                 node.store(node.return_consumed(j, local), consumed_base[j] + consumed_next[j])
-            if src == me:
-                tokens = own_tokens[chunk * C:chunk * C + count]
-                _timed("combine.accumulate", count * pb, _C.accumulate_partials, acc.data_ptr(),
-                       _ptr(acc_weights), out.data_ptr(), partial_layout, tokens.data_ptr(), count, num_threads)
-            else:
+            if out is not None:
                 send_works[src][slot] = rail.isend(out[:count * pb], src, chunk)
                 send_count[src] += 1
             reduce_next += 1
