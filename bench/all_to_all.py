@@ -69,56 +69,75 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- calibration
 
-def calibrate_links(rank: int, world: int, L: int, sizes=(1 << 16, 1 << 22), reps: int = 5) -> Dict[str, float]:
-    """Measures this emulated cluster's link speeds the way the library uses the links, every rank
-    at once: rail = isend/irecv of one message to and from every rail peer (gloo); node = copying
-    bytes into a shared-memory tensor. Returns alpha (s) and bw (bytes/s per rank and direction)
-    of each link, fitted from a small and a large message (median of ``reps``)."""
+def calibrate_links(rank: int, world: int, L: int, rail_sizes=(1 << 16, 1 << 22), copy_bytes: int = 1 << 24,
+                    reps: int = 3, fresh_bytes: Optional[int] = None) -> Dict[str, float]:
+    """Measures this emulated cluster's links one rank (or one rank pair) at a time, the others
+    idle, the way the CPU backend uses them; ``bench.cost_model.predict_emulated`` then shares the
+    host's cores among all ranks. Collective; every rank gets the same numbers:
+
+    * rail: rank 0 and its rail peer exchange one message each way over gloo (alpha and bytes/s
+      fitted from a small and a large message);
+    * node_alpha: rank 0 and a local partner exchange a tiny message (a hand-off between processes);
+    * copy_bw: rank 0 copies into memory that stays mapped (staging, outboxes);
+    * fresh_bw: rank 0 copies into a freshly allocated tensor of ``fresh_bytes`` (pass the size of
+      the call's receive tensor: whether the allocator hands out new pages, which must be faulted
+      in, or recycled ones depends on the size, as it does for the library's receive tensors).
+    """
     N = world // L
-    node_i, local = divmod(rank, L)
-    peers = [m * L + local for m in range(N) if m != node_i]
+    out = torch.zeros(6, dtype=torch.float64)   # rail_bw, rail_alpha, node_alpha, copy_bw, fresh_bw, has_rail
 
     def timed(fn) -> float:
         ts = []
         for _ in range(reps):
-            dist.barrier()
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-        # the collective step ends when the slowest rank does
-        tt = torch.tensor(sorted(ts)[len(ts) // 2], dtype=torch.float64)
-        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
-        return float(tt)
+        return sorted(ts)[len(ts) // 2]
 
-    out: Dict[str, float] = {}
-    if peers:
-        pts = []
+    def pair(peer: int, sizes) -> List[float]:
+        res = []
         for s in sizes:
-            send = torch.empty(s, dtype=torch.uint8).fill_(1)
-            recvs = [torch.empty(s, dtype=torch.uint8) for _ in peers]
+            send = torch.ones(s, dtype=torch.uint8)
+            recv = torch.empty(s, dtype=torch.uint8)
 
-            def rail_step():
-                works = [dist.isend(send, p) for p in peers] + [dist.irecv(r, p) for r, p in zip(recvs, peers)]
+            def step():
+                works = [dist.isend(send, peer), dist.irecv(recv, peer)]
                 for w in works:
                     w.wait()
-            rail_step()
-            # bytes per rank and direction over the step: s per peer
-            pts.append((s * len(peers), timed(rail_step)))
-        (b0, t0), (b1, t1) = pts
-        bw = (b1 - b0) / max(t1 - t0, 1e-9)
-        out["rail_bw"] = bw
-        out["rail_alpha"] = max(0.0, t0 - b0 / bw)
-    pts = []
-    for s in sizes:
-        src = torch.empty(s, dtype=torch.uint8).fill_(1)
-        dst = torch.empty(s, dtype=torch.uint8).share_memory_()
+            step()
+            res.append(timed(step))
+        return res
+
+    dist.barrier()
+    if N > 1 and rank in (0, L):
+        t0, t1 = pair(L if rank == 0 else 0, rail_sizes)
+        if rank == 0:
+            bw = (rail_sizes[1] - rail_sizes[0]) / max(t1 - t0, 1e-9)
+            out[0], out[1], out[5] = bw, max(0.0, t0 - rail_sizes[0] / bw), 1.0
+    dist.barrier()
+    if L > 1 and rank in (0, 1):
+        (t,) = pair(1 - rank, (4,))
+        if rank == 0:
+            out[2] = t
+    dist.barrier()
+    if rank == 0:
+        src = torch.ones(copy_bytes, dtype=torch.uint8)
+        dst = torch.empty(copy_bytes, dtype=torch.uint8).share_memory_()
         dst.copy_(src)
-        pts.append((s, timed(lambda: dst.copy_(src))))
-    (b0, t0), (b1, t1) = pts
-    bw = (b1 - b0) / max(t1 - t0, 1e-9)
-    out["node_bw"] = bw
-    out["node_alpha"] = max(0.0, t0 - b0 / bw)
-    return out
+        out[3] = copy_bytes / timed(lambda: dst.copy_(src))
+        nf = max(1 << 16, int(fresh_bytes or copy_bytes))
+        fsrc = src if nf <= copy_bytes else torch.ones(nf, dtype=torch.uint8)
+
+        def fresh():
+            torch.empty(nf, dtype=torch.uint8).copy_(fsrc[:nf])
+        fresh()
+        out[4] = nf / timed(fresh)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    res = {"node_alpha": float(out[2]), "copy_bw": float(out[3]), "fresh_bw": float(out[4]),
+           "cores": float(os.cpu_count() or 1)}
+    if out[5] > 0:
+        res["rail_bw"], res["rail_alpha"] = float(out[0]), float(out[1])
+    return res
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -134,7 +153,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     if show:
         try:
             from tqdm import tqdm
-            total = (cfg["warmup"] + cfg["iters"]) * 3 + (1 if cfg.get("model_check") else 0)
+            total = (cfg["warmup"] + cfg["iters"]) * 3
             pbar = tqdm(total=total, desc="setup", file=sys.stderr, leave=False)
         except ImportError:  # pragma: no cover
             pbar = None
@@ -164,6 +183,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     y = recv_rows.to(torch.float32).to(comb_dt) if cfg["dtype"] != "fp8" else \
         torch.randn(recv_rows.shape[0], cfg["hidden"]).to(comb_dt)
     n_recv = y.shape[0]
+    recv_nbytes = recv_rows.numel() * recv_rows.element_size()
 
     def do_combine():
         return buf.combine(y, handle, topk_weights=recv_w, config=config)
@@ -205,7 +225,24 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     a2a_dispatch()
     a2a_combine()
 
+    t_idx = torch.full((1, 1), rank * (E // world), dtype=torch.int64)
+    t_x = torch.zeros(1, cfg["hidden"], dtype=comb_dt)
+
+    def tiny_calls() -> Dict[str, float]:
+        """The library's fixed per-call cost: one token routed to this rank's first expert."""
+        dist.barrier()
+        t0 = time.perf_counter()
+        rx, _, rw, _, h, _ = buf.dispatch(t_x, topk_idx=t_idx, topk_weights=torch.ones(1, 1), num_experts=E,
+                                         config=config)
+        t1 = time.perf_counter()
+        dist.barrier()
+        t2 = time.perf_counter()
+        buf.combine(rx, h, topk_weights=rw, config=config)
+        return {"dispatch": t1 - t0, "combine": time.perf_counter() - t2}
+
     times: Dict[str, List[float]] = {"dispatch": [], "combine": [], "a2a_dispatch": [], "a2a_combine": []}
+    calib: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
+    tiny_times: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
     fns = [("dispatch", do_dispatch), ("combine", do_combine)]
     for it in range(cfg["warmup"] + cfg["iters"]):
         warm = it < cfg["warmup"]
@@ -230,30 +267,12 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         if not warm:
             times["a2a_combine"].append(dt)
         tick(("warmup" if warm else "timing") + " all_to_all_single")
-        tick(("warmup" if warm else "timing") + " all_to_all_single")
+        if calib is not None and not warm:
+            # measured next to every timed call, so model and measurement see the same machine load
+            calib.append(calibrate_links(rank, world, L, reps=1, fresh_bytes=recv_nbytes))
+            tiny_times.append(tiny_calls())
+        tick(("warmup" if warm else "timing") + (" link calibration" if calib is not None else " all_to_all_single"))
 
-    calib = None
-    tiny_times = None
-    if cfg.get("model_check"):
-        calib = calibrate_links(rank, world, L)
-        # the library's fixed per-call cost: one token routed to one expert of this rank
-        t_idx = torch.full((1, 1), rank * (E // world), dtype=torch.int64)
-        t_x = torch.zeros(1, cfg["hidden"], dtype=comb_dt)
-        tiny_times = {"dispatch": [], "combine": []}
-        for it in range(6):
-            dist.barrier()
-            t0 = time.perf_counter()
-            rx, _, rw, _, h, _ = buf.dispatch(t_x, topk_idx=t_idx, topk_weights=torch.ones(1, 1),
-                                             num_experts=E, config=config)
-            dt_d = time.perf_counter() - t0
-            dist.barrier()
-            t0 = time.perf_counter()
-            buf.combine(rx, h, topk_weights=rw, config=config)
-            dt_c = time.perf_counter() - t0
-            if it >= 2:
-                tiny_times["dispatch"].append(dt_d)
-                tiny_times["combine"].append(dt_c)
-        tick("model check")
     if pbar is not None:
         pbar.close()
 
@@ -321,32 +340,38 @@ def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[tor
 
 
 def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result) -> Dict[str, Any]:
-    """Predict this run's times with bench.cost_model fed with the measured link speeds."""
-    from bench.cost_model import ClusterSpec, Link, predict
-    cal = allr[0]["calib"]
-    L = cfg["ranks_per_node"]
-    rail = Link(cal.get("rail_alpha", 0.0), cal.get("rail_bw", 1e12))
-    node = Link(cal["node_alpha"], cal["node_bw"])
+    """Predict this run's times with ``bench.cost_model.predict_emulated`` fed with the link speeds
+    measured on this cluster next to every timed iteration (the host may be shared: the link
+    speeds and the call times are taken under the same load). Compares the median prediction with
+    the median measured time."""
+    from bench.cost_model import HostLinks, Link, predict_emulated
+    from bench.common import acc_bytes, percentile
     chunk = cfg.get("chunk_tokens") or 256
-    spec = ClusterSpec("this machine", L, rail, node, chunk_tokens=chunk)
-    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L)
-    pred = predict(spec, traffic, bpt)
-    # the tiny call's routing (one token to this rank's first expert): its modelled time (the
-    # count exchange) is inside the measured fixed cost already, so it is taken out once
-    E, R = cfg["experts"], cfg["world_size"]
-    tiny_routing = [torch.full((1, 1), r * (E // R), dtype=torch.int64) for r in range(R)]
-    pred_tiny = predict(spec, traffic_counts(tiny_routing, E, L), bpt)
-    tiny = {op: sorted(max(r["tiny_times"][op][i] for r in allr)
-                       for i in range(len(allr[0]["tiny_times"][op])))
-            for op in OPS}
-    out: Dict[str, Any] = {"links": cal, "chunk_tokens": chunk}
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], cfg["ranks_per_node"])
+    acc = acc_bytes(combine_dtype(cfg["dtype"]))
+    preds = {op: [] for op in OPS}
+    stages = {op: [] for op in OPS}
+    cals = allr[0]["calib"]
+    for i, cal in enumerate(cals):
+        fixed = {op: max(r["tiny_times"][i][op] for r in allr) for op in OPS}
+        links = HostLinks(rail=Link(cal.get("rail_alpha", 0.0), cal.get("rail_bw", 1e12)), copy_bw=cal["copy_bw"],
+                          fresh_bw=cal["fresh_bw"], node_alpha=cal.get("node_alpha", 0.0),
+                          fixed_dispatch=fixed["dispatch"], fixed_combine=fixed["combine"],
+                          cores=int(cal.get("cores", 1)))
+        p = predict_emulated(links, traffic, bpt, cfg["hidden"], acc, chunk)
+        for op in OPS:
+            preds[op].append(p[op])
+            stages[op].append(dict(p[op + "_stages"], fixed=fixed[op]))
+    med_links = {k: percentile([c[k] for c in cals], 0.5) for k in cals[0]}
+    out: Dict[str, Any] = {"links": med_links, "links_per_iter": cals, "chunk_tokens": chunk}
     for op in OPS:
-        fixed = tiny[op][len(tiny[op]) // 2]
-        model_s = fixed + pred["two_hop"][op] - pred_tiny["two_hop"][op]
         meas = result["ops"][op]["time"]["median_us"] / 1e6
-        out[op] = {"predicted_us": model_s * 1e6, "fixed_cost_us": fixed * 1e6,
-                   "link_model_us": (pred["two_hop"][op] - pred_tiny["two_hop"][op]) * 1e6, "measured_us": meas * 1e6,
-                   "error": (model_s - meas) / meas}
+        pred = percentile(preds[op], 0.5)
+        out[op] = {"predicted_us": pred * 1e6, "predicted_per_iter_us": [p * 1e6 for p in preds[op]],
+                   "fixed_cost_us": percentile([s["fixed"] for s in stages[op]], 0.5) * 1e6,
+                   "stages_us": {k: percentile([s[k] for s in stages[op]], 0.5) * 1e6 for k in stages[op][0]
+                                 if k != "fixed"},
+                   "measured_us": meas * 1e6, "error": (pred - meas) / meas}
     return out
 
 
@@ -384,15 +409,16 @@ def format_report(res: Dict[str, Any]) -> str:
     if mc:
         ln = mc["links"]
         lines.append("")
-        lines.append("cost model check (links measured on this cluster: rail "
+        lines.append("cost model check (bench.cost_model.predict_emulated; links measured on this cluster, one "
+                     f"rank at a time, shared by {int(ln.get('cores', 1))} cores: rail "
                      + (f"{ln['rail_bw'] / 1e9:.3f} GB/s + {ln['rail_alpha'] * 1e6:.0f} us, " if "rail_bw" in ln else "none, ")
-                     + f"node {ln['node_bw'] / 1e9:.3f} GB/s + {ln['node_alpha'] * 1e6:.0f} us; "
-                     f"chunk {mc['chunk_tokens']} tokens):")
+                     + f"copy {ln['copy_bw'] / 1e9:.3f} GB/s, copy to new memory {ln['fresh_bw'] / 1e9:.3f} GB/s "
+                     f"per rank, node hand-off {ln.get('node_alpha', 0) * 1e6:.0f} us; chunk {mc['chunk_tokens']} tokens):")
         for op in OPS:
             m = mc[op]
-            lines.append(f"  {op:<9} predicted {m['predicted_us']:>10.1f} us (links {m['link_model_us']:.1f} + fixed "
-                         f"{m['fixed_cost_us']:.1f})  measured {m['measured_us']:>10.1f} us  "
-                         f"error {m['error'] * 100:+.1f}%")
+            st = ", ".join(f"{k} {v:.0f}" for k, v in m["stages_us"].items())
+            lines.append(f"  {op:<9} predicted {m['predicted_us']:>10.1f} us (fixed {m['fixed_cost_us']:.0f}; {st})"
+                         f"  measured {m['measured_us']:>10.1f} us  error {m['error'] * 100:+.1f}%")
     return "\n".join(lines)
 
 

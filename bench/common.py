@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -193,6 +192,7 @@ class Traffic:
     hier_rail_send: torch.Tensor
     hier_rail_recv: torch.Tensor
     max_rail_tokens_per_peer: torch.Tensor   # per rank: most records it sends to one remote node
+    own_node_tokens: Optional[torch.Tensor] = None   # per rank: its tokens reaching its own node
 
     @property
     def num_nodes(self) -> int:
@@ -242,6 +242,7 @@ def traffic_counts(topk_idx_all: Sequence[torch.Tensor], num_experts: int,
     f_rs, f_rr, f_ns, f_nr = z(), z(), z(), z()
     h_ns, h_nr, h_rs, h_rr = z(), z(), z(), z()
     max_peer = z()
+    own = z()
     for s, idx in enumerate(topk_idx_all):
         n_s, l_s = divmod(s, L)
         in_rank = token_rank_counts(idx, num_experts, R).view(-1, N, L)   # [T, N, L]
@@ -252,6 +253,7 @@ def traffic_counts(topk_idx_all: Sequence[torch.Tensor], num_experts: int,
         recv_rows += cnt.view(R)
         # two-hop dispatch: rail once per (token, remote node), to the rail peer (m, l_s)
         d_rs[s] += reach[remote].sum()
+        own[s] += reach[n_s]
         for m in range(N):
             if m != n_s:
                 d_rr[m * L + l_s] += reach[m]
@@ -273,7 +275,7 @@ def traffic_counts(topk_idx_all: Sequence[torch.Tensor], num_experts: int,
         h_rs.view(N, L)[n_s] += cnt[remote].sum(0)
         h_rr.view(N, L)[remote] += cnt[remote]
     return Traffic(R, L, [int(t.shape[0]) for t in topk_idx_all], recv_rows,
-                   d_rs, d_rr, d_ns, d_nr, f_rs, f_rr, f_ns, f_nr, h_ns, h_nr, h_rs, h_rr, max_peer)
+                   d_rs, d_rr, d_ns, d_nr, f_rs, f_rr, f_ns, f_nr, h_ns, h_nr, h_rs, h_rr, max_peer, own)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -372,7 +374,7 @@ def launch(fn: Callable, world_size: int, *args: Any, threads_per_rank: int = 1,
                         (results.__setitem__(rank, payload) if status == "ok"
                          else errors.append(f"rank {rank}: {payload}"))
                     if len(results) + len(errors) < world_size:
-                        errors.append(f"process(es) died: " + ", ".join(
+                        errors.append("process(es) died: " + ", ".join(
                             f"pid {p.pid} exit {p.exitcode}" for p in dead))
                         break
                 continue

@@ -164,6 +164,91 @@ def predict(spec: ClusterSpec, traffic: Traffic, bpt: BytesPerToken,
     return out
 
 
+# ----------------------------------------------------------------------------- emulated cluster
+
+@dataclass(frozen=True)
+class HostLinks:
+    """Link speeds of an *emulated* cluster (CPU backend, ranks = processes of one host), each
+    measured for one rank (or one rank pair) with the others idle, the way the backend uses it:
+
+    * ``rail``: gloo point-to-point between two rail peers (alpha per message, bytes/s per rank);
+    * ``copy_bw``: memcpy into memory that is already mapped (rail staging, node outboxes, inboxes);
+    * ``fresh_bw``: memcpy into freshly allocated memory (the receive / output tensors of a call);
+    * ``node_alpha``: hand-off latency between two processes of a node (a tiny exchange);
+    * ``fixed_dispatch`` / ``fixed_combine``: seconds of a one-token call (count exchange, Python);
+    * ``cores``: cores of the host, shared by all ranks.
+    """
+
+    rail: Link
+    copy_bw: float
+    fresh_bw: float
+    node_alpha: float = 0.0
+    fixed_dispatch: float = 0.0
+    fixed_combine: float = 0.0
+    cores: int = 1
+
+
+def predict_emulated(links: HostLinks, traffic: Traffic, bpt: BytesPerToken, hidden: int,
+                     acc_elem_bytes: int = 4, chunk_tokens: int = 256) -> Dict[str, Any]:
+    """Predicted dispatch / combine seconds of the CPU backend on an emulated cluster.
+
+    On one host all ranks' links are served by the same ``cores``: the work of every rank is CPU
+    time (a rank's stages are costed at the one-rank speeds), and the call takes::
+
+        T = fixed + max( sum over ranks and stages of work / cores,          (cores saturated)
+                         max over ranks of (its own work + its hand-offs) )  (one rank's path)
+
+    The CPU backend reads every received row out of a node outbox (its own rows too) and every
+    chunk of a rank's outbox (``ceil((own_node_tokens + rail_recv) / chunk)``) is a hand-off
+    between processes (``sync``, latency only: it costs no CPU)::
+
+        dispatch  pack    (rail_send + own_node_tokens) * record / copy_bw
+                  rail    max(rail_send, rail_recv) * record / rail.bw + chunks * rail.alpha
+                  unpack  recv_rows * record / fresh_bw                    (into the new recv_x)
+        combine   node    recv_rows * return_row / copy_bw                 (rows to their reducer)
+                  reduce  (rail_recv + own_node_tokens) * partial / copy_bw
+                  rail    max(rail_send, rail_recv) * partial / rail.bw + chunks * rail.alpha
+                  accum.  (rail_send + own_node_tokens) * partial / copy_bw
+                          + tokens * hidden * acc_bytes / fresh_bw         (the new accumulator)
+        both      sync    outbox_chunks * node_alpha
+
+    with ``rail_send``/``rail_recv`` the *dispatch* direction's counts. The rail alphas are
+    latency too and count on the path, not on the cores.
+    """
+    own = traffic.own_node_tokens if traffic.own_node_tokens is not None else torch.zeros_like(traffic.recv_rows)
+    f64 = lambda t: t.to(torch.float64)  # noqa: E731
+    has_rail = traffic.num_nodes > 1
+    C = num_chunks(traffic, chunk_tokens) if has_rail else 0
+    rs, rr = f64(traffic.dispatch_rail_send), f64(traffic.dispatch_rail_recv)
+    rec = bpt.dispatch_rail
+    sync = torch.ceil((rr + f64(own)) / max(1, chunk_tokens)) * links.node_alpha
+    rail_lat = torch.full_like(rs, C * links.rail.alpha_s)
+    work_d = {
+        "pack": (rs + f64(own)) * rec / links.copy_bw,
+        "rail": torch.maximum(rs, rr) * rec / links.rail.bw,
+        "unpack": f64(traffic.recv_rows) * rec / links.fresh_bw,
+    }
+    tokens = torch.tensor(traffic.num_tokens, dtype=torch.float64)
+    pb = bpt.combine_rail
+    work_c = {
+        "node": f64(traffic.recv_rows) * bpt.combine_node / links.copy_bw,
+        "reduce": (rr + f64(own)) * pb / links.copy_bw,
+        "rail": torch.maximum(rs, rr) * pb / links.rail.bw,
+        "accumulate": (rs + f64(own)) * pb / links.copy_bw + tokens * hidden * acc_elem_bytes / links.fresh_bw,
+    }
+    out: Dict[str, Any] = {"chunks": C}
+    for op, work, fixed in (("dispatch", work_d, links.fixed_dispatch), ("combine", work_c, links.fixed_combine)):
+        per_rank = sum(work.values())
+        cpu_bound = float(per_rank.sum()) / max(1, links.cores)
+        path = per_rank + sync + rail_lat
+        path_bound = float(path.max())
+        out[op] = fixed + max(cpu_bound, path_bound)
+        stages = {k: float(v.sum()) / max(1, links.cores) for k, v in work.items()}
+        stages.update(cores_total=cpu_bound, path=path_bound)
+        out[op + "_stages"] = stages
+    return out
+
+
 # ----------------------------------------------------------------------------- sweeps / CLI
 
 def load_routing(path: str) -> List[torch.Tensor]:
@@ -210,7 +295,7 @@ def plot_sweeps(results: Dict[str, List[Dict[str, Any]]], path: str, title: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(results), 2, figsize=(11, 3.6 * len(results)), squeeze=False)
-    styles = {"two_hop": ("two-hop (dispatch)", "o-"), "flat": ("flat all-to-all", "s--"),
+    styles = {"two_hop": ("two-hop (this library)", "o-"), "flat": ("flat all-to-all", "s--"),
               "hierarchical": ("hierarchical a2a (Tutel)", "^:")}
     for i, (name, rows) in enumerate(results.items()):
         xs = [r["nodes"] for r in rows]

@@ -140,10 +140,13 @@ def plot_sweep(res: Dict[str, Any], path: str) -> str:
     rows = res["rows"]
     xs = [r["num_sms"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for op, st in (("dispatch", "o-"), ("combine", "s-")):
-        a1.plot(xs, [r[op]["algbw_gbps"] for r in rows], st, label=f"{op} algbw")
-        a1.plot(xs, [r[op]["rail_gbps"] for r in rows], st.replace("-", "--"), label=f"{op} rail (bottleneck)")
-        a2.plot(xs, [r[op]["algbw_gbps_per_sm"] for r in rows], st, label=op)
+    for op, st, col in (("dispatch", "o", "tab:blue"), ("combine", "s", "tab:orange")):
+        a1.plot(xs, [r[op]["algbw_gbps"] for r in rows], st + "-", color=col, label=f"{op} algbw")
+        a1.plot(xs, [r[op]["rail_gbps"] for r in rows], st + "--", color=col, alpha=0.7,
+                label=f"{op} rail (busiest rank)")
+        a1.plot(xs, [r[op]["node_gbps"] for r in rows], st + ":", color=col, alpha=0.7,
+                label=f"{op} node (busiest rank)")
+        a2.plot(xs, [r[op]["algbw_gbps_per_sm"] for r in rows], st + "-", color=col, label=op)
     a1.set_xlabel("num_sms (CPU backend: thread budget)")
     a1.set_ylabel("GB/s per rank")
     a1.set_title("bandwidth vs SMs")

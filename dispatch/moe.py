@@ -154,13 +154,14 @@ def group_received_tokens(recv_topk_idx: torch.Tensor, num_recv_tokens_per_exper
     order = torch.argsort(expert_idx, stable=True)
     row_idx, slot_idx, expert_idx = row_idx[order], slot_idx[order], expert_idx[order]
     counts = torch.bincount(expert_idx, minlength=num_local_experts)
-    segment_sizes = torch.tensor(num_recv_tokens_per_expert_list, dtype=torch.int64)
+    device = recv_topk_idx.device  # everything stays on the tokens' device (CPU or GPU)
+    segment_sizes = torch.tensor(num_recv_tokens_per_expert_list, dtype=torch.int64, device=device)
     if bool((counts > segment_sizes).any()):
         raise RuntimeError(f"dispatch reported num_recv_tokens_per_expert_list={num_recv_tokens_per_expert_list} "
                            f"but recv_topk_idx holds {counts.tolist()} pairs per local expert")
     segment_start = torch.cumsum(segment_sizes, 0) - segment_sizes
     pair_start = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(expert_idx.numel()) - pair_start[expert_idx]
+    rank_in_expert = torch.arange(expert_idx.numel(), device=device) - pair_start[expert_idx]
     grouped_pos = segment_start[expert_idx] + rank_in_expert
     return row_idx, slot_idx, grouped_pos
 
@@ -184,7 +185,8 @@ class MoELayer(nn.Module):
         num_topk: ``k``.
         num_topk_groups: node-limited routing: each token goes to at most this many nodes
             (``None``: no limit).
-        num_groups: groups for ``num_topk_groups`` (default: the number of nodes).
+        num_groups: groups for ``num_topk_groups`` (default: the number of nodes, which needs
+            ``num_ranks_per_node`` from the buffer or the argument).
         normalize_weights: renormalize the ``k`` weights to sum to 1.
         expert_alignment: pad each local expert's segment to a multiple of this (grouped GEMM).
         num_worst_tokens: if ``> 0``, dispatch to exactly this many rows (static shapes).
@@ -200,13 +202,16 @@ class MoELayer(nn.Module):
         super().__init__()
         group = group if group is not None else getattr(buffer, "group", None)
         self.rank, self.num_ranks = _group_info(group)
-        if num_ranks_per_node is None:
-            num_ranks_per_node = _buffer_ranks_per_node(buffer, self.num_ranks)
         if num_experts % self.num_ranks != 0:
             raise ValueError(f"num_experts={num_experts} must be a multiple of the group size {self.num_ranks}")
-        self.num_nodes = self.num_ranks // num_ranks_per_node
         if num_groups is None:
-            num_groups = self.num_nodes if num_topk_groups is not None else 1
+            if num_topk_groups is None:
+                num_groups = 1
+            else:
+                # Node-limited routing: one group per node.
+                if num_ranks_per_node is None:
+                    num_ranks_per_node = _buffer_ranks_per_node(buffer)
+                num_groups = self.num_ranks // num_ranks_per_node
         self.buffer = buffer
         self.hidden = hidden
         self.num_experts = num_experts
@@ -280,16 +285,17 @@ class MoELayer(nn.Module):
         return differentiable_combine(self.buffer, y, out.handle, config=self.config)
 
 
-def _buffer_ranks_per_node(buffer: Any, num_ranks: int) -> int:
-    """``L`` as the buffer knows it (attribute names differ between backends and DeepEP)."""
-    for name in ("num_ranks_per_node", "num_nvl_ranks"):
-        value = getattr(buffer, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+def _buffer_ranks_per_node(buffer: Any) -> int:
+    """``L`` as the buffer knows it (``buffer.topology``, or a ``num_ranks_per_node`` attribute)."""
     topology = getattr(buffer, "topology", None)
     if topology is not None and hasattr(topology, "num_ranks_per_node"):
         return int(topology.num_ranks_per_node)
-    return num_ranks
+    value = getattr(buffer, "num_ranks_per_node", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    # Guessing (e.g. one node) would silently disable node-limited routing: ask instead.
+    raise ValueError("cannot tell num_ranks_per_node from the buffer; pass num_ranks_per_node "
+                     "(or num_groups) to MoELayer")
 
 
 class DenseMoE(nn.Module):

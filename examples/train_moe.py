@@ -1,15 +1,15 @@
 """Train a small expert-parallel MoE model on an emulated CPU cluster and print the loss.
 
 Spawns ``nodes * ranks_per_node`` processes on this machine (gloo), groups them into emulated nodes
-with ``Buffer(group, num_ranks_per_node=L)`` and trains, for a few steps, a regression model whose
-middle is a :class:`dispatch.moe.MoELayer` with node-limited routing. Every rank feeds its own
-tokens; dispatch and combine (and their backward passes) move them to and from the experts.
+with ``Buffer(group, num_ranks_per_node=L)`` and trains, for a few steps, a regression model built
+around a stack of :class:`dispatch.moe.MoELayer` blocks with node-limited routing. Every rank feeds
+its own tokens; dispatch and combine (and their backward passes) move them to and from the experts.
 
 The dense parts (input/output projections, norm, router) are replicated, so their gradients are
 summed over the ranks; each expert lives on one rank and receives its full gradient through the
 combine/dispatch backward, so it needs no reduction.
 
-    python examples/train_moe.py                     # 2 nodes x 2 ranks, 40 steps
+    python examples/train_moe.py                     # 2 nodes x 2 ranks, 2 MoE layers, 40 steps
     python examples/train_moe.py --nodes 2 --ranks-per-node 4 --steps 60
 """
 
@@ -34,7 +34,7 @@ from dispatch.moe import MoELayer  # noqa: E402
 
 
 class TinyMoEModel(nn.Module):
-    """``x -> Linear -> (+ MoE(LayerNorm)) -> Linear``.
+    """``x -> Linear -> num_layers x (+ MoE(LayerNorm)) -> Linear``.
 
     Args:
         buffer: the communication buffer.
@@ -44,19 +44,23 @@ class TinyMoEModel(nn.Module):
         num_experts: ``E`` over all ranks.
         num_topk: ``k``.
         num_topk_groups: nodes each token may reach (node-limited routing).
+        num_layers: MoE blocks (they share the buffer: their collectives run one after the other).
     """
 
     def __init__(self, buffer: Buffer, in_features: int, hidden: int, ffn_hidden: int, num_experts: int,
-                 num_topk: int, num_topk_groups: int) -> None:
+                 num_topk: int, num_topk_groups: int, num_layers: int) -> None:
         super().__init__()
         self.inp = nn.Linear(in_features, hidden)
-        self.norm = nn.LayerNorm(hidden)
-        self.moe = MoELayer(buffer, hidden, ffn_hidden, num_experts, num_topk, num_topk_groups=num_topk_groups)
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(num_layers))
+        self.moes = nn.ModuleList(
+            MoELayer(buffer, hidden, ffn_hidden, num_experts, num_topk, num_topk_groups=num_topk_groups)
+            for _ in range(num_layers))
         self.out = nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.inp(x)
-        h = h + self.moe(self.norm(h))
+        for norm, moe in zip(self.norms, self.moes):
+            h = h + moe(norm(h))
         return self.out(h).squeeze(-1)
 
 
@@ -80,12 +84,13 @@ def worker(rank: int, world_size: int, ranks_per_node: int, port: int, args: arg
     try:
         torch.manual_seed(0)  # replicated parameters start identical on every rank
         model = TinyMoEModel(buffer, args.in_features, args.hidden, args.ffn_hidden, args.num_experts,
-                             args.topk, num_topk_groups=1)
+                             args.topk, num_topk_groups=1, num_layers=args.layers)
         torch.manual_seed(1000 + rank)  # but the experts of different ranks differ
         with torch.no_grad():
-            for p in model.moe.experts.parameters():
-                p.normal_(std=p.size(1) ** -0.5)
-        replicated = [p for n, p in model.named_parameters() if not n.startswith("moe.experts.")]
+            for moe in model.moes:
+                for p in moe.experts.parameters():
+                    p.normal_(std=p.size(1) ** -0.5)
+        replicated = [p for n, p in model.named_parameters() if ".experts." not in n]
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         total_tokens = args.tokens * world_size
 
@@ -125,12 +130,14 @@ def main() -> None:
     parser.add_argument("--ffn-hidden", type=int, default=64)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--topk", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--print-every", type=int, default=5)
     args = parser.parse_args()
     world_size = args.nodes * args.ranks_per_node
     print(f"training on an emulated {args.nodes}x{args.ranks_per_node} cluster ({world_size} processes), "
-          f"{args.num_experts} experts, top-{args.topk}, node-limited to 1 node per token", flush=True)
+          f"{args.layers} MoE layers of {args.num_experts} experts, top-{args.topk}, "
+          f"node-limited to 1 node per token", flush=True)
     mp.spawn(worker, args=(world_size, args.ranks_per_node, free_port(), args), nprocs=world_size)
 
 

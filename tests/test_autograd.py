@@ -154,8 +154,11 @@ def test_gradcheck_dispatch_combine(cluster_factory, shape):
 # ----------------------------------------------------------------------------------------------
 
 def _float32_job(ctx: Any, seed: int) -> Dict[str, torch.Tensor]:
-    """Grad of ``sum(recv_x * a) + sum(recv_topk_weights * b)`` for per-row cotangents a, b
-    derived from (source rank, token), so the expected gradient is known in closed form."""
+    """Grad of ``(rank + 1) * (sum(recv_x) + sum(recv_topk_weights))`` on every rank.
+
+    Known in closed form: a source token's ``x`` gradient is the sum of ``d + 1`` over the ranks
+    ``d`` that received it; ``topk_weights[t, j]``'s is ``d + 1`` for the rank holding expert
+    ``topk_idx[t, j]``, 0 for ``-1``. Exact in float32 (small integers)."""
     rank, world_size = ctx.rank, ctx.world_size
     num_experts = EXPERTS_PER_RANK * world_size
     topk_idx = _routing(world_size, seed)[rank]
@@ -165,10 +168,7 @@ def _float32_job(ctx: Any, seed: int) -> Dict[str, torch.Tensor]:
     buf = dispatch.Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node)
     try:
         out = differentiable_dispatch(buf, x, topk_idx, w, num_experts)
-        # Tag each received row by the value of its own x row (x rows are distinct), and weigh
-        # the row's cotangent with (rank + 1): the gradient of source token t is then
-        # sum over receivers d of (d + 1), for x (times ones) and w (times ones where valid).
-        scale = float(rank + 1)
+        scale = float(rank + 1)  # tells the receivers apart in the gradient
         loss = (out.recv_x * scale).sum() + (out.recv_topk_weights * scale).sum()
         loss.backward()
     finally:

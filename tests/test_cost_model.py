@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 
 import pytest
 import torch
@@ -82,7 +81,6 @@ def test_hand_cost_model_exact():
 def _brute_force(routing, E, L):
     """Per-token loops straight from the definitions in docs/semantics.md."""
     R = len(routing)
-    N = R // L
     per = E // R
     dests = [[sorted({int(e) // per for e in row if e >= 0}) for row in idx.tolist()] for idx in routing]
     rail_send = [0] * R
@@ -186,3 +184,31 @@ def test_cli_real_routing_file(tmp_path, capsys):
                             "--hidden", "256", "--ranks-per-node", "4"]) == 0
     out = capsys.readouterr().out
     assert "two_hop" in out and "flat" in out and "hierarchical" in out
+
+
+def test_hand_emulated_model_exact():
+    """bench.cost_model.predict_emulated (the CPU-backend model checked by the benchmark) by hand."""
+    from bench.cost_model import HostLinks, predict_emulated
+    tr = traffic_counts(HAND, 4, 2)
+    assert tr.own_node_tokens.tolist() == [1, 1, 0, 1]
+    bpt = BytesPerToken(dispatch_rail=100, dispatch_node=100, combine_rail=200, combine_node=50,
+                        payload_dispatch=64, payload_combine=32)
+    links = HostLinks(rail=Link(1e-6, 1e8), copy_bw=1e9, fresh_bw=5e8, node_alpha=2e-6,
+                      fixed_dispatch=10e-6, fixed_combine=20e-6)
+    p = predict_emulated(links, tr, bpt, hidden=4, acc_elem_bytes=4, chunk_tokens=1)
+    assert p["chunks"] == 2
+    # dispatch work per rank (us): pack (rail_send + own) * 0.1 = [.3, .1, .1, .1], rail max(send, recv) * 1
+    # = [2, 0, 2, 0], unpack 2 * 100 B / 5e8 = .4 -> [2.7, .5, 2.5, .5] (sum 6.2 on 1 core);
+    # path of rank 0: 2.7 + sync 2 chunks * 2 + rail latency 2 chunks * 1 = 8.7 > 6.2
+    assert p["dispatch"] * 1e6 == pytest.approx(10 + 8.7, abs=1e-9)
+    assert p["dispatch_stages"]["rail"] * 1e6 == pytest.approx(4.0, abs=1e-9)
+    assert p["dispatch_stages"]["cores_total"] * 1e6 == pytest.approx(6.2, abs=1e-9)
+    # combine rank 0: node .1, reduce 2 * .2, rail 2 * 2, accumulate 3 * .2 + 3 * 16 B / 5e8 = .696
+    # -> 5.196; path 5.196 + 4 + 2 = 11.196 > all ranks' work 10.992
+    assert p["combine"] * 1e6 == pytest.approx(20 + 11.196, abs=1e-9)
+    assert p["combine_stages"]["cores_total"] * 1e6 == pytest.approx(10.992, abs=1e-9)
+    # without latencies the cores bound: 1 core -> all work 6.2; 2 cores -> max(3.1, rank 0's 2.7)
+    fast = HostLinks(rail=Link(0.0, 1e8), copy_bw=1e9, fresh_bw=5e8, fixed_dispatch=10e-6, cores=1)
+    assert predict_emulated(fast, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(16.2, abs=1e-9)
+    fast2 = HostLinks(rail=Link(0.0, 1e8), copy_bw=1e9, fresh_bw=5e8, fixed_dispatch=10e-6, cores=2)
+    assert predict_emulated(fast2, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(13.1, abs=1e-9)

@@ -106,7 +106,7 @@ def test_auto_layout(cluster_factory, shape):
 # a batch many times larger than the staging buffers
 # ----------------------------------------------------------------------------------------------
 
-LARGE = dict(name="large", dtype="float32", H=512, k=4, experts_per_rank=4, T=(2500, 3000), neg_frac=0.1,
+LARGE = dict(name="large", dtype="float32", H=1024, k=4, experts_per_rank=4, T=(1100, 1300), neg_frac=0.1,
              weights=True)
 
 
@@ -152,7 +152,7 @@ def _job_large_batch(ctx, spec, seed):
 
 @pytest.mark.parametrize("shape", [(2, 2), (2, 4)], ids=["2x2", "2x4"])
 def test_large_batch_through_small_buffers(cluster_factory, shape):
-    """~6 MB per rank through 1 MiB of staging: the batch must stream in chunks."""
+    """~5 MB per rank through 1 MiB of staging: the batch must stream in chunks."""
     results = cluster_factory(*shape).run(_job_large_batch, LARGE, 99, timeout_s=400)
     assert min(r["bytes_sent"] for r in results) > 4 * (1 << 20)
     fails = [f"rank {r}: {msg}" for r, res in enumerate(results) for msg in res["fails"]]

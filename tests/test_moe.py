@@ -22,14 +22,16 @@ NUM_EXPERTS = 8
 NUM_TOPK = 3
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
-# (num_nodes, ranks_per_node) -> layer options; together they cover node-limited routing,
-# expert alignment, num_worst_tokens, weight normalisation and a rank with zero tokens.
+# (num_nodes, ranks_per_node), tokens per rank, layer options; together they cover node-limited
+# routing, expert alignment, num_worst_tokens, weight normalisation and ranks without tokens.
 CASES: Dict[str, Dict[str, Any]] = {
     "1x2": dict(shape=(1, 2), tokens=[24, 17], kwargs={}),
-    "2x2": dict(shape=(2, 2), tokens=[20, 0, 33, 16],
+    "2x2": dict(shape=(2, 2), tokens=[20, 7, 33, 16],
                 kwargs=dict(num_topk_groups=1, expert_alignment=4)),
-    "2x4": dict(shape=(2, 4), tokens=[16, 9, 0, 21, 16, 30, 12, 16],
+    "2x4": dict(shape=(2, 4), tokens=[16, 9, 5, 21, 16, 30, 12, 16],
                 kwargs=dict(num_topk_groups=1, normalize_weights=True, num_worst_tokens=160)),
+    # Ranks with no tokens still run every collective, forward and backward, in step.
+    "2x2-empty-ranks": dict(shape=(2, 2), tokens=[0, 19, 0, 11], kwargs=dict(num_topk_groups=1)),
 }
 
 
@@ -119,7 +121,7 @@ def test_router_node_limited_picks_best_groups():
     router = TopKRouter(HIDDEN, 16, 4, num_groups=4, num_topk_groups=2)
     x = torch.randn(64, HIDDEN)
     topk_idx, topk_weights = router(x)
-    scores = (x @ router.weight.T).softmax(-1)
+    scores = torch.nn.functional.linear(x, router.weight).softmax(-1)  # as the router computes it
     grouped = scores.view(64, 4, 4)
     group_scores = grouped.topk(2, dim=-1).values.sum(-1)
     for t in range(64):

@@ -263,7 +263,9 @@ class HostBackend:
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous ``[rows, row_bytes]`` uint8 view of a 2-D tensor."""
     tensor = tensor.contiguous()
-    return tensor.view(torch.uint8).view(tensor.shape[0], -1) if tensor.dim() == 2 else tensor.view(torch.uint8)
+    if tensor.dim() != 2:
+        return tensor.view(torch.uint8)
+    return tensor.view(torch.uint8).view(tensor.shape[0], tensor.shape[1] * tensor.element_size())
 
 
 def _stats(op: str, rail_copies: int, flat: int, node_copies: int, rail_bytes_per_token: int,

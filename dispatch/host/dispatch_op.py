@@ -211,10 +211,13 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
             while read_next[j] < min(available, len(producer_schedule)):
                 _, _, count = producer_schedule[read_next[j]]
                 position = read_base[j] + read_next[j]
-                received = _timed("dispatch.node_copy", 0, _C.unpack_records, node.outbox_slot(j, position), record,
-                                  count, local, recv.x.data_ptr(), _ptr(recv.scales), _ptr(recv.topk_idx),
-                                  _ptr(recv.topk_weights), recv.expert_begin, recv.experts_per_rank,
-                                  rows_buf.data_ptr(), src_rank_buf.data_ptr(), src_token_buf.data_ptr(), num_threads)
+                start_ns = time.perf_counter_ns() if _profile.is_enabled() else 0
+                received = _C.unpack_records(node.outbox_slot(j, position), record, count, local, recv.x.data_ptr(),
+                                             _ptr(recv.scales), _ptr(recv.topk_idx), _ptr(recv.topk_weights),
+                                             recv.expert_begin, recv.experts_per_rank, rows_buf.data_ptr(),
+                                             src_rank_buf.data_ptr(), src_token_buf.data_ptr(), num_threads)
+                if start_ns:
+                    _profile.record("dispatch.node_copy", 0, start_ns, time.perf_counter_ns(), received * rb)
                 node.store(node.outbox_acked(j, local), position + 1)
                 read_next[j] += 1
                 progressed = True
