@@ -147,12 +147,15 @@ PYBIND11_MODULE(_C, m) {
       nogil);
   m.def(
       "reduce_chunk",
-      [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl, int dtype,
-         uintptr_t partials, uintptr_t acc, uintptr_t acc_weights, uintptr_t token_ids, const PartialRowLayout& pl,
-         int num_threads) {
+      [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl,
+         int self_local, uintptr_t self_x, uintptr_t self_weights, uintptr_t self_rows, int64_t self_x_row_bytes,
+         int dtype, uintptr_t partials, uintptr_t acc, uintptr_t acc_weights, uintptr_t token_ids,
+         const PartialRowLayout& pl, int num_threads) {
         const ReduceTarget target{as_ptr<uint8_t>(partials), as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights),
                                   as_ptr<const int32_t>(token_ids)};
-        reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl,
+        const SelfRows self{self_local, as_ptr<const uint8_t>(self_x), as_ptr<const float>(self_weights),
+                            as_ptr<const int32_t>(self_rows), self_x_row_bytes};
+        reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl, self,
                      static_cast<DType>(dtype), target, pl, num_threads);
       },
       nogil);

@@ -12,8 +12,8 @@ constexpr int64_t kRowsPerThread = 16;
 
 template <typename AccT>
 void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, const std::vector<int64_t>& cursors,
-                    const uintptr_t* return_chunks, const ReturnRowLayout& rl, DType dtype, const ReduceTarget& target,
-                    const PartialRowLayout& pl) {
+                    const uintptr_t* return_chunks, const ReturnRowLayout& rl, const SelfRows& self_rows, DType dtype,
+                    const ReduceTarget& target, const PartialRowLayout& pl) {
   const int64_t hidden = pl.hidden;
   const int k = pl.num_topk;
   for (int64_t i = begin; i < end; ++i) {
@@ -32,9 +32,19 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
       for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
     for (int l = 0; l < L; ++l) {
       if (dst_rows[i * L + l] < 0) continue;
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(return_chunks[l]) + cursors[i * L + l] * rl.bytes();
+      const uint8_t* row;
+      const uint8_t* row_weights;
+      if (l == self_rows.local_rank) {
+        const int64_t x_row = self_rows.rows[cursors[i * L + l]];
+        row = self_rows.x + x_row * self_rows.x_row_bytes;
+        row_weights = self_rows.weights != nullptr ? reinterpret_cast<const uint8_t*>(self_rows.weights + x_row * k) : nullptr;
+      } else {
+        row = reinterpret_cast<const uint8_t*>(return_chunks[l]) + cursors[i * L + l] * rl.bytes();
+        row_weights = row + rl.weights_offset();
+      }
       add_row(part, row, dtype, hidden);
-      if (k > 0 && part_weights != nullptr) add_row(part_weights, row + rl.weights_offset(), DType::kFloat32, k);
+      if (k > 0 && part_weights != nullptr && row_weights != nullptr)
+        add_row(part_weights, row_weights, DType::kFloat32, k);
     }
   }
 }
@@ -84,8 +94,8 @@ void gather_return_rows(uint8_t* out, const ReturnRowLayout& layout, const uint8
 }
 
 void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
-                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
-                  const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads) {
+                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, const SelfRows& self_rows,
+                  DType dtype, const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads) {
   const int L = num_ranks_per_node;
   // Position of each record's row inside each local rank's return chunk (a prefix count).
   std::vector<int64_t> cursors(static_cast<size_t>(num_records * L));
@@ -95,9 +105,9 @@ void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_pe
       cursors[i * L + l] = dst_rows[i * L + l] >= 0 ? next[l]++ : -1;
   parallel_for(num_records, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
     if (partial_layout.acc_elem_bytes == 8)
-      reduce_records<double>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, target, partial_layout);
+      reduce_records<double>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, self_rows, dtype, target, partial_layout);
     else
-      reduce_records<float>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, dtype, target, partial_layout);
+      reduce_records<float>(dst_rows, begin, end, L, cursors, return_chunks, return_layout, self_rows, dtype, target, partial_layout);
   });
 }
 

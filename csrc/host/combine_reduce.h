@@ -25,12 +25,22 @@ struct ReduceTarget {
   const int32_t* token_ids;
 };
 
+// The reducer's own rows need no trip through shared memory: it reads them from its x.
+struct SelfRows {
+  int local_rank;             // -1: none
+  const uint8_t* x;           // [n, x_row_bytes]
+  const float* weights;       // [n, k] or null
+  const int32_t* rows;        // rows of x for this chunk, in record order
+  int64_t x_row_bytes;
+};
+
 // For every record i of a reducer's chunk: partial[i] = 0 + row(j0) + row(j1) + ... over the
 // local ranks j (ascending) with dst_rows[i * L + j] >= 0, read from return_chunks[j] (rows of
-// rank j for this chunk, in record order). Accumulates in float (acc_elem_bytes 4) or double.
+// rank j for this chunk, in record order; for j == self_rows.local_rank, from self_rows).
+// Accumulates in float (acc_elem_bytes 4) or double.
 void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_per_node,
-                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, DType dtype,
-                  const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads);
+                  const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, const SelfRows& self_rows,
+                  DType dtype, const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads);
 
 // acc[token_ids[i]] += partial[i]; acc_weights likewise (float32).
 void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,

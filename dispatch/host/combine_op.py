@@ -39,8 +39,9 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     rrb = return_layout.bytes
 
     # Returner: per reducer q, the chunks of q's outbox in which this rank has rows.
+    # Nothing goes to itself: as reducer it reads its own rows from x directly.
     returns: List[List[torch.Tensor]] = [
-        [rows for rows in handle.recv_rows_by_producer[q] if rows.numel()] for q in range(L)]
+        [] if q == local else [rows for rows in handle.recv_rows_by_producer[q] if rows.numel()] for q in range(L)]
     return_base = [node.load(node.return_published(local, q)) for q in range(L)]
     return_next = [0] * L
 
@@ -94,7 +95,9 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     for index in range(len(schedule)):
         rows = handle.outbox_dst_rows[record_begin[index]:record_begin[index + 1]]
         for j in (rows >= 0).any(dim=0).nonzero().flatten().tolist():
-            returns_expected[j].append(index)
+            if j != local:
+                returns_expected[j].append(index)
+    own_rows = handle.recv_rows_by_producer[local]
     chunk_pointers = torch.zeros(L, dtype=torch.int64)
 
     progress = Progress(timeout_s, "combine", blocker, node.local_pids)
@@ -142,7 +145,8 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
                 chunk_pointers[j] = node.return_slot(j, local, consumed_base[j] + consumed_next[j])
             tokens = own_tokens[chunk * C:chunk * C + count] if out is None else None
             _timed("combine.reduce", count * pb, _C.reduce_chunk, dst_rows.data_ptr(), count, L,
-                   chunk_pointers.data_ptr(), return_layout, x_dtype_code, _ptr(out),
+                   chunk_pointers.data_ptr(), return_layout, local, x.data_ptr(), _ptr(weights),
+                   own_rows[reduce_next].data_ptr(), x.shape[1], x_dtype_code, _ptr(out),
                    acc.data_ptr() if out is None else 0, _ptr(acc_weights) if out is None else 0, _ptr(tokens),
                    partial_layout, num_threads)
             for j in involved:
