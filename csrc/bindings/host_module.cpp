@@ -159,22 +159,29 @@ PYBIND11_MODULE(_C, m) {
                      static_cast<DType>(dtype), target, pl, num_threads);
       },
       nogil);
+  py::class_<CombineOutput>(m, "CombineOutput")
+      .def(py::init([](uintptr_t out, int out_dtype, uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype) {
+             return CombineOutput{as_ptr<uint8_t>(out), static_cast<DType>(out_dtype), as_ptr<const uint8_t>(bias0),
+                                  static_cast<DType>(bias0_dtype), as_ptr<const uint8_t>(bias1),
+                                  static_cast<DType>(bias1_dtype)};
+           }),
+           py::arg("out"), py::arg("out_dtype"), py::arg("bias0"), py::arg("bias0_dtype"), py::arg("bias1"),
+           py::arg("bias1_dtype"));
   m.def(
       "accumulate_partials",
       [](uintptr_t acc, uintptr_t acc_weights, uintptr_t partials, const PartialRowLayout& pl, uintptr_t token_ids,
-         int64_t num_rows, int num_threads) {
+         int64_t num_rows, uintptr_t last_term, const CombineOutput& output, int num_threads) {
         accumulate_partials(as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights), as_ptr<const uint8_t>(partials), pl,
-                            as_ptr<const int32_t>(token_ids), num_rows, num_threads);
+                            as_ptr<const int32_t>(token_ids), num_rows, as_ptr<const uint8_t>(last_term), output,
+                            num_threads);
       },
       nogil);
   m.def(
       "finalize_combine",
-      [](uintptr_t acc, int acc_elem_bytes, uintptr_t out, int out_dtype, int64_t num_tokens, int64_t hidden,
-         uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype, int num_threads) {
-        finalize_combine(as_ptr<const uint8_t>(acc), acc_elem_bytes, as_ptr<uint8_t>(out),
-                         static_cast<DType>(out_dtype), num_tokens, hidden, as_ptr<const uint8_t>(bias0),
-                         static_cast<DType>(bias0_dtype), as_ptr<const uint8_t>(bias1),
-                         static_cast<DType>(bias1_dtype), num_threads);
+      [](uintptr_t acc, int acc_elem_bytes, int64_t hidden, uintptr_t token_ids, int64_t num_rows,
+         const CombineOutput& output, int num_threads) {
+        finalize_combine(as_ptr<const uint8_t>(acc), acc_elem_bytes, hidden, as_ptr<const int32_t>(token_ids),
+                         num_rows, output, num_threads);
       },
       nogil);
 }

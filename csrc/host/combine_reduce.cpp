@@ -50,15 +50,31 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
 }
 
 template <typename AccT>
+void finish_row(AccT* row, int64_t t, int64_t hidden, const CombineOutput& output) {
+  if (output.bias0 != nullptr)
+    add_row(row, output.bias0 + t * hidden * dtype_bytes(output.bias0_dtype), output.bias0_dtype, hidden);
+  if (output.bias1 != nullptr)
+    add_row(row, output.bias1 + t * hidden * dtype_bytes(output.bias1_dtype), output.bias1_dtype, hidden);
+  store_row(output.out + t * hidden * dtype_bytes(output.out_dtype), row, output.out_dtype, hidden);
+}
+
+template <typename AccT>
 void accumulate_rows(uint8_t* acc, float* acc_weights, const uint8_t* partials, const PartialRowLayout& pl,
-                     const int32_t* token_ids, int64_t begin, int64_t end) {
+                     const int32_t* token_ids, int64_t begin, int64_t end, const uint8_t* last_term,
+                     const CombineOutput& output) {
   const int64_t hidden = pl.hidden;
   const int k = pl.num_topk;
+  std::vector<AccT> scratch(static_cast<size_t>(hidden));
   for (int64_t i = begin; i < end; ++i) {
     const int64_t t = token_ids[i];
     AccT* dst = reinterpret_cast<AccT*>(acc) + t * hidden;
     const AccT* src = reinterpret_cast<const AccT*>(partials + i * pl.bytes());
-    for (int64_t h = 0; h < hidden; ++h) dst[h] += src[h];
+    if (last_term != nullptr && last_term[i]) {
+      for (int64_t h = 0; h < hidden; ++h) scratch[h] = dst[h] + src[h];
+      finish_row(scratch.data(), t, hidden, output);
+    } else {
+      for (int64_t h = 0; h < hidden; ++h) dst[h] += src[h];
+    }
     if (k > 0) {
       const float* src_weights = reinterpret_cast<const float*>(partials + i * pl.bytes() + pl.weights_offset());
       for (int j = 0; j < k; ++j) acc_weights[t * k + j] += src_weights[j];
@@ -67,15 +83,13 @@ void accumulate_rows(uint8_t* acc, float* acc_weights, const uint8_t* partials, 
 }
 
 template <typename AccT>
-void finalize_rows(const uint8_t* acc, uint8_t* out, DType out_dtype, int64_t begin, int64_t end, int64_t hidden,
-                   const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1, DType bias1_dtype) {
+void finalize_rows(const uint8_t* acc, int64_t hidden, const int32_t* token_ids, int64_t begin, int64_t end,
+                   const CombineOutput& output) {
   std::vector<AccT> row(static_cast<size_t>(hidden));
-  const int out_bytes = dtype_bytes(out_dtype);
-  for (int64_t t = begin; t < end; ++t) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = token_ids != nullptr ? token_ids[i] : i;
     std::memcpy(row.data(), acc + t * hidden * sizeof(AccT), hidden * sizeof(AccT));
-    if (bias0 != nullptr) add_row(row.data(), bias0 + t * hidden * dtype_bytes(bias0_dtype), bias0_dtype, hidden);
-    if (bias1 != nullptr) add_row(row.data(), bias1 + t * hidden * dtype_bytes(bias1_dtype), bias1_dtype, hidden);
-    store_row(out + t * hidden * out_bytes, row.data(), out_dtype, hidden);
+    finish_row(row.data(), t, hidden, output);
   }
 }
 }  // namespace
@@ -113,24 +127,23 @@ void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_pe
 
 void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,
                          const PartialRowLayout& partial_layout, const int32_t* token_ids, int64_t num_rows,
-                         int num_threads) {
+                         const uint8_t* last_term, const CombineOutput& output, int num_threads) {
   // Token ids within one call are distinct, so ranges never write the same row.
   parallel_for(num_rows, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
     if (partial_layout.acc_elem_bytes == 8)
-      accumulate_rows<double>(acc, acc_weights, partials, partial_layout, token_ids, begin, end);
+      accumulate_rows<double>(acc, acc_weights, partials, partial_layout, token_ids, begin, end, last_term, output);
     else
-      accumulate_rows<float>(acc, acc_weights, partials, partial_layout, token_ids, begin, end);
+      accumulate_rows<float>(acc, acc_weights, partials, partial_layout, token_ids, begin, end, last_term, output);
   });
 }
 
-void finalize_combine(const uint8_t* acc, int acc_elem_bytes, uint8_t* out, DType out_dtype, int64_t num_tokens,
-                      int64_t hidden, const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1,
-                      DType bias1_dtype, int num_threads) {
-  parallel_for(num_tokens, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
+void finalize_combine(const uint8_t* acc, int acc_elem_bytes, int64_t hidden, const int32_t* token_ids,
+                      int64_t num_rows, const CombineOutput& output, int num_threads) {
+  parallel_for(num_rows, num_threads, kRowsPerThread, [&](int64_t begin, int64_t end) {
     if (acc_elem_bytes == 8)
-      finalize_rows<double>(acc, out, out_dtype, begin, end, hidden, bias0, bias0_dtype, bias1, bias1_dtype);
+      finalize_rows<double>(acc, hidden, token_ids, begin, end, output);
     else
-      finalize_rows<float>(acc, out, out_dtype, begin, end, hidden, bias0, bias0_dtype, bias1, bias1_dtype);
+      finalize_rows<float>(acc, hidden, token_ids, begin, end, output);
   });
 }
 

@@ -42,14 +42,25 @@ void reduce_chunk(const int32_t* dst_rows, int64_t num_records, int num_ranks_pe
                   const uintptr_t* return_chunks, const ReturnRowLayout& return_layout, const SelfRows& self_rows,
                   DType dtype, const ReduceTarget& target, const PartialRowLayout& partial_layout, int num_threads);
 
-// acc[token_ids[i]] += partial[i]; acc_weights likewise (float32).
+// The combine output and its bias; rows are written as cast(acc + bias0 + bias1).
+struct CombineOutput {
+  uint8_t* out;
+  DType out_dtype;
+  const uint8_t* bias0;  // [T, hidden] or null
+  DType bias0_dtype;
+  const uint8_t* bias1;
+  DType bias1_dtype;
+};
+
+// acc[token_ids[i]] += partial[i]; acc_weights likewise (float32). Where last_term[i] is set
+// (this partial is the token's last), the sum goes straight to the output row instead, saving
+// a later pass over acc.
 void accumulate_partials(uint8_t* acc, float* acc_weights, const uint8_t* partials,
                          const PartialRowLayout& partial_layout, const int32_t* token_ids, int64_t num_rows,
-                         int num_threads);
+                         const uint8_t* last_term, const CombineOutput& output, int num_threads);
 
-// out = cast(acc + bias0 + bias1) row by row (bias pointers may be null).
-void finalize_combine(const uint8_t* acc, int acc_elem_bytes, uint8_t* out, DType out_dtype, int64_t num_tokens,
-                      int64_t hidden, const uint8_t* bias0, DType bias0_dtype, const uint8_t* bias1,
-                      DType bias1_dtype, int num_threads);
+// out[t] = cast(acc[t] + bias0[t] + bias1[t]) for t in token_ids (all T rows when null).
+void finalize_combine(const uint8_t* acc, int acc_elem_bytes, int64_t hidden, const int32_t* token_ids,
+                      int64_t num_rows, const CombineOutput& output, int num_threads);
 
 }  // namespace dispatch::host

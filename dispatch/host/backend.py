@@ -11,7 +11,7 @@ from .. import _C
 from ..topology import Topology
 from . import notify as nt
 from .combine_op import run_combine
-from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
+from .dispatch_op import DispatchPayload, ReceiveTensors, _ptr, run_dispatch
 from .memory import host_empty
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
@@ -223,15 +223,14 @@ class HostBackend:
         acc = host_empty((handle.num_tokens, hidden), acc_dtype)  # run_combine initialises it
         acc_weights = torch.empty((handle.num_tokens, k), dtype=torch.float32) if k else None
         weights = topk_weights.contiguous() if topk_weights is not None else None
-        run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
-                    acc_weights, return_layout, partial_layout, self.rail_staging, num_threads, self.timeout_s)
         out = host_empty((handle.num_tokens, hidden), x.dtype)
         bias0, bias1 = bias
-        _C.finalize_combine(acc.data_ptr(), acc_bytes, out.data_ptr(), DTYPE_CODES[x.dtype], handle.num_tokens,
-                            hidden, bias0.data_ptr() if bias0 is not None else 0,
-                            DTYPE_CODES[bias0.dtype] if bias0 is not None else 0,
-                            bias1.data_ptr() if bias1 is not None else 0,
-                            DTYPE_CODES[bias1.dtype] if bias1 is not None else 0, num_threads)
+        output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], _ptr(bias0),
+                                  DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, _ptr(bias1),
+                                  DTYPE_CODES[bias1.dtype] if bias1 is not None else 0)
+        run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
+                    acc_weights, return_layout, partial_layout, output, self.rail_staging, num_threads,
+                    self.timeout_s)
         self._record_combine_stats(handle, return_layout.bytes, partial_layout.bytes)
         return out, acc_weights
 

@@ -30,8 +30,10 @@ from .rail_link import RailLink
 def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHandle, x: torch.Tensor,
                 x_dtype_code: int, weights: Optional[torch.Tensor], acc: torch.Tensor, acc_weights: torch.Tensor,
                 return_layout: "_C.ReturnRowLayout", partial_layout: "_C.PartialRowLayout",
-                rail_staging: List[torch.Tensor], num_threads: int, timeout_s: float) -> None:
-    """Moves one combine; on return ``acc``/``acc_weights`` hold the ordered sums (no bias)."""
+                output: "_C.CombineOutput", rail_staging: List[torch.Tensor], num_threads: int,
+                timeout_s: float) -> None:
+    """Moves one combine: writes ``output`` (ordered sums plus bias, cast) and ``acc_weights``.
+    ``acc`` is scratch in the accumulation type."""
     L, me, local = topo.num_ranks_per_node, topo.rank, topo.local_rank
     C = handle.chunk_records
     schedules = handle.schedules
@@ -73,6 +75,12 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
             phases.append((m, stream_chunks(handle.send_plan.tokens(m).numel(), C)))
     recv_slots = {topo.rail_peer(m): rail_staging[4 * i + 2:4 * i + 4]
                   for i, m in enumerate(m for m in range(topo.num_nodes) if m != topo.node)}
+    # A token's last remote phase writes its output row directly (no second pass over acc).
+    final_phase = torch.full((handle.num_tokens,), -1, dtype=torch.int32)
+    for p, (m, _) in enumerate(phases):
+        final_phase[handle.send_plan.tokens(m).long()] = p
+    last_term = [(final_phase[handle.send_plan.tokens(m).long()] == p).to(torch.uint8)
+                 for p, (m, _) in enumerate(phases)]
     recv_posted = {m: 0 for m, _ in phases}
     recv_works: Dict[int, Dict[int, object]] = {m: {} for m, _ in phases}
     phase = 0
@@ -178,7 +186,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
             tokens = handle.send_plan.tokens(m)[phase_chunk * C:phase_chunk * C + count]
             _timed("combine.accumulate", count * pb, _C.accumulate_partials, acc.data_ptr(), _ptr(acc_weights),
                    recv_slots[peer][phase_chunk % 2].data_ptr(), partial_layout, tokens.data_ptr(), count,
-                   num_threads)
+                   last_term[phase][phase_chunk * C:].data_ptr(), output, num_threads)
             del recv_works[m][phase_chunk]
             phase_chunk += 1
             if phase_chunk == len(chunks):
@@ -191,3 +199,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
                 and all(w is None for works in send_works.values() for w in works)):
             break
         progress.step(progressed)
+
+    rest = (final_phase == -1).nonzero().flatten().to(torch.int32)
+    _C.finalize_combine(acc.data_ptr(), acc.element_size(), acc.shape[1], rest.data_ptr(), rest.numel(), output,
+                        num_threads)
