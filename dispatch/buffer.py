@@ -17,6 +17,13 @@ from .topology import Topology, detect_num_ranks_per_node
 Tensors = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
+def _is_nccl_group(group: Any) -> bool:
+    try:
+        return str(dist.get_backend(group)).lower() == "nccl"
+    except Exception:
+        return False
+
+
 class Buffer:
     """The communication buffer of one rank: staging memory, links and the calls over them.
 
@@ -32,6 +39,13 @@ class Buffer:
     """
 
     num_sms: int = 20
+
+    def __new__(cls, group: Any = None, *args: Any, **kwargs: Any) -> "Buffer":
+        # Backend selection: an NCCL group (CUDA tensors) gets the CUDA backend's Buffer.
+        if cls is Buffer and _is_nccl_group(group):
+            from .cuda.buffer import CudaBuffer
+            cls = CudaBuffer
+        return super().__new__(cls)
 
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0) -> None:

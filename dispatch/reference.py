@@ -75,15 +75,12 @@ def reference_is_token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ran
         is_token_in_rank: ``torch.bool [T, R]``.
     """
     experts_per_rank = num_experts // num_ranks
-    num_tokens = topk_idx.shape[0]
-    result = torch.zeros(num_tokens, num_ranks, dtype=torch.bool)
-    for t in range(num_tokens):
-        for e in topk_idx[t].tolist():
-            if e < 0:
-                continue
-            if e >= num_experts:
-                raise ValueError(f"topk_idx entry {e} outside [-1, {num_experts})")
-            result[t, e // experts_per_rank] = True
+    topk_idx = topk_idx.to(torch.int64)
+    if topk_idx.numel() and (int(topk_idx.min()) < -1 or int(topk_idx.max()) >= num_experts):
+        raise ValueError(f"topk_idx entries must lie in [-1, {num_experts})")
+    result = torch.zeros(topk_idx.shape[0], num_ranks, dtype=torch.bool)
+    token, slot = (topk_idx >= 0).nonzero(as_tuple=True)       # every valid (token, k) entry
+    result[token, topk_idx[token, slot] // experts_per_rank] = True  # marks the expert's rank
     return result
 
 

@@ -58,7 +58,7 @@ PYBIND11_MODULE(_cuda, m) {
       .def(py::init<>())
       .def("set_peer", &set_peer<DispatchArgs>) RW(DispatchArgs, rank) RW(DispatchArgs, num_ranks)
           RW(DispatchArgs, num_channels) RW(DispatchArgs, num_topk) RW(DispatchArgs, num_tokens)
-              RW(DispatchArgs, hidden_bytes) RW(DispatchArgs, scale_bytes) RW(DispatchArgs, ring_slots)
+              RW(DispatchArgs, hidden_bytes) RW(DispatchArgs, scale_bytes) RW(DispatchArgs, ring_slots) RW(DispatchArgs, max_rows)
                   RW(DispatchArgs, x) RW(DispatchArgs, scales) RW(DispatchArgs, topk_idx)
                       RW(DispatchArgs, topk_weights) RW(DispatchArgs, in_rank) RW(DispatchArgs, plan)
                           RW(DispatchArgs, recv_x) RW(DispatchArgs, recv_scales) RW(DispatchArgs, recv_topk_idx)

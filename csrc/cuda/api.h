@@ -94,6 +94,7 @@ struct DispatchArgs {
   Peers peers{};
   int rank = 0, num_ranks = 0, num_channels = 0, num_topk = 0;
   int64_t num_tokens = 0, hidden_bytes = 0, scale_bytes = 0, ring_slots = 0;
+  int64_t max_rows = 0;  // rows of the receive tensors: a row past them fails the call
   uint64_t x = 0, scales = 0, topk_idx = 0, topk_weights = 0, in_rank = 0, plan = 0;
   uint64_t recv_x = 0, recv_scales = 0, recv_topk_idx = 0, recv_topk_weights = 0;
   uint64_t recv_src_rank = 0, recv_src_token = 0;

@@ -118,7 +118,7 @@ struct Waiter {
   __device__ bool aborted() const { return *reinterpret_cast<volatile uint64_t*>(abort_of(own)) != 0; }
 };
 
-enum WaitKind { kBarrier = 1, kDispatchSpace = 2, kDispatchData = 3, kCombineSpace = 4, kCombineData = 5 };
+enum WaitKind { kBarrier = 1, kDispatchSpace = 2, kDispatchData = 3, kCombineSpace = 4, kCombineData = 5, kOverflow = 6 };
 
 // Warp-cooperative byte copy; loads bypass L1 (ring data is written by other GPUs / other SMs).
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes, int lane) {
@@ -404,6 +404,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
       if (!__shfl_sync(0xffffffffu, ok, 0)) return;
       const uint8_t* rec = ring + static_cast<int64_t>(i % slots) * rec_bytes;
       const int64_t row = base + __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()));
+      if (row >= a.max_rows) {  // num_worst_tokens below the received count
+        if (lane == 0) w.report(s, c, kOverflow);
+        return;
+      }
       warp_copy(recv_x + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
       if (a.scale_bytes) warp_copy(recv_scales + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
       if (lane < k && recv_idx) {

@@ -62,12 +62,19 @@ def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float
         # Longer than a local wait, so a poisoned block from a peer's node arrives first.
         progress = Progress(timeout_s * 1.25 + 1.0, what, lambda: min(works), node.local_pids)
         wait_all(works, progress)
+        # A poisoned block means its sender gave up and will never take ours: check before
+        # waiting on our sends.
+        _raise_if_poisoned(matrix.view(topo.num_ranks, -1), what, timeout_s)
         wait_all(dict(sends), progress)
     matrix = matrix.view(topo.num_ranks, -1)
+    _raise_if_poisoned(matrix, what, timeout_s)
+    return matrix
+
+
+def _raise_if_poisoned(matrix: torch.Tensor, what: str, timeout_s: float) -> None:
     missing = (matrix[:, STATUS] == STATUS_MISSING_PEER).nonzero().flatten().tolist()
     if missing:
         raise PeerTimeoutError(int(matrix[missing[0], MISSING]), f"did not take part in {what}", timeout_s)
-    return matrix
 
 
 def _send_block_best_effort(rail: RailLink, block: torch.Tensor) -> None:
