@@ -206,7 +206,8 @@ def predict_emulated(links: HostLinks, traffic: Traffic, bpt: BytesPerToken, hid
                   rail    max(rail_send, rail_recv) * record / rail.bw + chunks * rail.alpha
                   unpack  recv_rows * record / fresh_bw                    (into the new recv_x)
         combine   node    recv_rows * return_row / copy_bw                 (rows to their reducer)
-                  reduce  (rail_recv + own_node_tokens) * partial / copy_bw
+                  reduce  recv_rows * return_row / copy_bw                 (every row read once)
+                          + (rail_recv + own_node_tokens) * partial / copy_bw
                   rail    max(rail_send, rail_recv) * partial / rail.bw + chunks * rail.alpha
                   accum.  (rail_send + own_node_tokens) * partial / copy_bw
                           + tokens * hidden * acc_bytes / fresh_bw         (the new accumulator)
@@ -232,7 +233,8 @@ def predict_emulated(links: HostLinks, traffic: Traffic, bpt: BytesPerToken, hid
     pb = bpt.combine_rail
     work_c = {
         "node": f64(traffic.recv_rows) * bpt.combine_node / links.copy_bw,
-        "reduce": (rr + f64(own)) * pb / links.copy_bw,
+        # the reducer reads every returned row and writes one partial per record
+        "reduce": f64(traffic.recv_rows) * bpt.combine_node / links.copy_bw + (rr + f64(own)) * pb / links.copy_bw,
         "rail": torch.maximum(rs, rr) * pb / links.rail.bw,
         "accumulate": (rs + f64(own)) * pb / links.copy_bw + tokens * hidden * acc_elem_bytes / links.fresh_bw,
     }

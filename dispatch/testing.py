@@ -27,7 +27,7 @@ class LoopbackComm:
     def __init__(self, size: int) -> None:
         self.size = size
         self._slots: List[Any] = [None] * size
-        self._barrier = threading.Barrier(size)
+        self._barrier = threading.Barrier(size, timeout=120)
 
     def all_gather_object(self, obj: Any, rank: int) -> List[Any]:
         self._slots[rank] = obj

@@ -203,10 +203,10 @@ def test_hand_emulated_model_exact():
     assert p["dispatch"] * 1e6 == pytest.approx(10 + 8.7, abs=1e-9)
     assert p["dispatch_stages"]["rail"] * 1e6 == pytest.approx(4.0, abs=1e-9)
     assert p["dispatch_stages"]["cores_total"] * 1e6 == pytest.approx(6.2, abs=1e-9)
-    # combine rank 0: node .1, reduce 2 * .2, rail 2 * 2, accumulate 3 * .2 + 3 * 16 B / 5e8 = .696
-    # -> 5.196; path 5.196 + 4 + 2 = 11.196 > all ranks' work 10.992
-    assert p["combine"] * 1e6 == pytest.approx(20 + 11.196, abs=1e-9)
-    assert p["combine_stages"]["cores_total"] * 1e6 == pytest.approx(10.992, abs=1e-9)
+    # combine rank 0: node .1, reduce 2 rows * 50 B read + 2 * .2, rail 2 * 2, accumulate 3 * .2
+    # + 3 * 16 B / 5e8 = .696 -> 5.296; path 5.296 + 4 + 2 = 11.296 < all ranks' work 11.392
+    assert p["combine"] * 1e6 == pytest.approx(20 + 11.392, abs=1e-9)
+    assert p["combine_stages"]["cores_total"] * 1e6 == pytest.approx(11.392, abs=1e-9)
     # without latencies the cores bound: 1 core -> all work 6.2; 2 cores -> max(3.1, rank 0's 2.7)
     fast = HostLinks(rail=Link(0.0, 1e8), copy_bw=1e9, fresh_bw=5e8, fixed_dispatch=10e-6, cores=1)
     assert predict_emulated(fast, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(16.2, abs=1e-9)

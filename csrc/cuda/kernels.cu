@@ -402,6 +402,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
         seen = ld_acquire(tail);
       }
       if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+      __syncwarp();  // lane 0's acquire orders the whole warp's reads of the record
       const uint8_t* rec = ring + static_cast<int64_t>(i % slots) * rec_bytes;
       const int64_t row = base + __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()));
       if (row >= a.max_rows) {  // num_worst_tokens below the received count

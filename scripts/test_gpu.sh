@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds the package (with dispatch._cuda where nvcc is found) and runs only the GPU tests.
+# Meant for the lent GPU machine (torch+cu13, pybind11, cupy, NCCL preinstalled, no registry):
+#   bash scripts/test_gpu.sh            # extra pytest args pass through, e.g. -x -k graph
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+"$PYTHON" -m pip install --no-build-isolation -e . -q
+"$PYTHON" -c "import dispatch._cuda" || { echo "dispatch._cuda did not build (see the pip warnings above)"; exit 1; }
+"$PYTHON" -m pytest -q -rs tests/test_cuda_*.py "$@"
