@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "copy.h"
 #include "parallel.h"
 
 namespace dispatch::host {
@@ -60,8 +61,8 @@ int64_t unpack_records(const uint8_t* chunk, const RecordLayout& layout, int64_t
       int32_t row;
       std::memcpy(&row, record + layout.dst_rows_offset() + 4 * local_rank, 4);
       if (row < 0) continue;
-      std::memcpy(target.recv_x + row * layout.hidden_bytes, record + layout.x_offset(),
-                  static_cast<size_t>(layout.hidden_bytes));
+      copy_row_streaming(target.recv_x + row * layout.hidden_bytes, record + layout.x_offset(),
+                         static_cast<size_t>(layout.hidden_bytes));
       if (layout.scale_bytes > 0 && target.recv_scales != nullptr)
         std::memcpy(target.recv_scales + row * layout.scale_bytes, record + layout.scales_offset(),
                     static_cast<size_t>(layout.scale_bytes));
@@ -80,6 +81,7 @@ int64_t unpack_records(const uint8_t* chunk, const RecordLayout& layout, int64_t
         }
       }
     }
+    streaming_fence();
   });
   return count;
 }
