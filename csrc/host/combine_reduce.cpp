@@ -27,9 +27,7 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
       part = reinterpret_cast<AccT*>(target.partials + i * pl.bytes());
       part_weights = reinterpret_cast<float*>(target.partials + i * pl.bytes() + pl.weights_offset());
     }
-    for (int64_t h = 0; h < hidden; ++h) part[h] = AccT(0);
-    if (part_weights != nullptr)
-      for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
+    bool first = true;
     for (int l = 0; l < L; ++l) {
       if (dst_rows[i * L + l] < 0) continue;
       const uint8_t* row;
@@ -42,9 +40,20 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
         row = reinterpret_cast<const uint8_t*>(return_chunks[l]) + cursors[i * L + l] * rl.bytes();
         row_weights = row + rl.weights_offset();
       }
-      add_row(part, row, dtype, hidden);
-      if (k > 0 && part_weights != nullptr && row_weights != nullptr)
-        add_row(part_weights, row_weights, DType::kFloat32, k);
+      const bool with_weights = k > 0 && part_weights != nullptr && row_weights != nullptr;
+      if (first) {
+        start_row(part, row, dtype, hidden);
+        if (with_weights) start_row(part_weights, row_weights, DType::kFloat32, k);
+      } else {
+        add_row(part, row, dtype, hidden);
+        if (with_weights) add_row(part_weights, row_weights, DType::kFloat32, k);
+      }
+      first = false;
+    }
+    if (first) {  // no local rank holds the token (cannot happen for a record; kept total)
+      for (int64_t h = 0; h < hidden; ++h) part[h] = AccT(0);
+      if (part_weights != nullptr)
+        for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
     }
   }
 }

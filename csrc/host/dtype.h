@@ -48,32 +48,37 @@ inline uint16_t float_to_fp16(float value) {
   return bits;
 }
 
+// acc[i] = (kStart ? 0 : acc[i]) + src[i] over a row of `dtype`. kStart begins a sum in one pass
+// instead of zeroing then adding; the `0 +` is kept so that -0 becomes +0 exactly as in the
+// reference's zero-initialised sum.
+template <bool kStart, typename AccT>
+inline void sum_row(AccT* acc, const void* src, DType dtype, int64_t count) {
+  auto run = [&](auto load) {
+    for (int64_t i = 0; i < count; ++i) acc[i] = (kStart ? AccT(0) : acc[i]) + static_cast<AccT>(load(i));
+  };
+  switch (dtype) {
+    case DType::kFloat32: run([s = static_cast<const float*>(src)](int64_t i) { return s[i]; }); break;
+    case DType::kFloat64: run([s = static_cast<const double*>(src)](int64_t i) { return s[i]; }); break;
+    case DType::kBFloat16:
+      run([s = static_cast<const uint16_t*>(src)](int64_t i) { return bf16_to_float(s[i]); });
+      break;
+    case DType::kFloat16:
+      run([s = static_cast<const uint16_t*>(src)](int64_t i) { return fp16_to_float(s[i]); });
+      break;
+    default: break;
+  }
+}
+
 // Adds row `src` (of `dtype`) element-wise into the accumulator `acc` (AccT = float or double).
 template <typename AccT>
 inline void add_row(AccT* acc, const void* src, DType dtype, int64_t count) {
-  switch (dtype) {
-    case DType::kFloat32: {
-      const float* s = static_cast<const float*>(src);
-      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(s[i]);
-      break;
-    }
-    case DType::kFloat64: {
-      const double* s = static_cast<const double*>(src);
-      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(s[i]);
-      break;
-    }
-    case DType::kBFloat16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(bf16_to_float(s[i]));
-      break;
-    }
-    case DType::kFloat16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < count; ++i) acc[i] += static_cast<AccT>(fp16_to_float(s[i]));
-      break;
-    }
-    default: break;
-  }
+  sum_row<false>(acc, src, dtype, count);
+}
+
+// acc = 0 + src: the first term of a sum.
+template <typename AccT>
+inline void start_row(AccT* acc, const void* src, DType dtype, int64_t count) {
+  sum_row<true>(acc, src, dtype, count);
 }
 
 // Writes the accumulator row to `dst` in `dtype`.
