@@ -208,19 +208,26 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     yb_width = _bytes_view(y[:1]).shape[1] if n_recv else cfg["hidden"] * y.element_size()
     back_recv = torch.empty(len(send_tok), yb_width, dtype=torch.uint8)
 
-    def a2a_dispatch():
+    def a2a_dispatch() -> float:
+        """A complete flat dispatch; returns the seconds of the collective call alone."""
         send = xb.index_select(0, send_tok)
+        t0 = time.perf_counter()
         dist.all_to_all_single(a2a_recv, send, recv_splits, send_splits)
+        return time.perf_counter() - t0
 
     y_rows = _bytes_view(y) if n_recv else torch.empty(0, yb_width, dtype=torch.uint8)
     y_rows = y_rows[:sum(recv_splits)] if y_rows.shape[0] >= sum(recv_splits) else \
         torch.cat([y_rows, torch.zeros(sum(recv_splits) - y_rows.shape[0], yb_width, dtype=torch.uint8)])
 
-    def a2a_combine():
+    def a2a_combine() -> float:
+        """A complete flat combine; returns the seconds of the collective call alone."""
+        t0 = time.perf_counter()
         dist.all_to_all_single(back_recv, y_rows, send_splits, recv_splits)
+        collective_s = time.perf_counter() - t0
         acc = torch.zeros(cfg["tokens"], cfg["hidden"], dtype=torch.float32)
         acc.index_add_(0, send_tok, back_recv.view(comb_dt).to(torch.float32))
-        return acc.to(comb_dt)
+        acc.to(comb_dt)
+        return collective_s
 
     a2a_dispatch()
     a2a_combine()
@@ -240,7 +247,8 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         buf.combine(rx, h, topk_weights=rw, config=config)
         return {"dispatch": t1 - t0, "combine": time.perf_counter() - t2}
 
-    times: Dict[str, List[float]] = {"dispatch": [], "combine": [], "a2a_dispatch": [], "a2a_combine": []}
+    times: Dict[str, List[float]] = {"dispatch": [], "combine": [], "a2a_dispatch": [], "a2a_combine": [],
+                                     "collective_dispatch": [], "collective_combine": []}
     calib: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
     tiny_times: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
     fns = [("dispatch", do_dispatch), ("combine", do_combine)]
@@ -256,16 +264,18 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         tick(("warmup" if warm else "timing") + " dispatch/combine")
         dist.barrier()
         t0 = time.perf_counter()
-        a2a_dispatch()
+        collective_s = a2a_dispatch()
         dt = time.perf_counter() - t0
         if not warm:
             times["a2a_dispatch"].append(dt)
+            times["collective_dispatch"].append(collective_s)
         dist.barrier()
         t0 = time.perf_counter()
-        a2a_combine()
+        collective_s = a2a_combine()
         dt = time.perf_counter() - t0
         if not warm:
             times["a2a_combine"].append(dt)
+            times["collective_combine"].append(collective_s)
         tick(("warmup" if warm else "timing") + " all_to_all_single")
         if calib is not None and not warm:
             # measured next to every timed call, so model and measurement see the same machine load
@@ -308,7 +318,8 @@ def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[tor
         iters = len(allr[0]["times"][op])
         per_iter = [max(r["times"][op][i] for r in allr) for i in range(iters)]
         a2a_iter = [max(r["times"]["a2a_" + op][i] for r in allr) for i in range(iters)]
-        ts, ta = time_stats(per_iter), time_stats(a2a_iter)
+        coll_iter = [max(r["times"]["collective_" + op][i] for r in allr) for i in range(iters)]
+        ts, ta, tc = time_stats(per_iter), time_stats(a2a_iter), time_stats(coll_iter)
         t = ts["median_us"] / 1e6
         rail = [int(s["rail_bytes"]) for s in stats]
         node = [int(s["node_bytes"]) for s in stats]
@@ -317,7 +328,7 @@ def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[tor
         routed = [int(v) for v in traffic.recv_rows]     # rows each rank receives (dispatch) / returns (combine)
         alg_bytes = sum(routed) * payload / R
         result["ops"][op] = {
-            "time": ts, "a2a_time": ta,
+            "time": ts, "a2a_time": ta, "collective_time": tc,
             "rail_bytes_total": sum(rail), "rail_bytes_max": max(rail),
             "node_bytes_total": sum(node), "node_bytes_max": max(node),
             "flat_rail_bytes_total": sum(flat_rail),
@@ -328,6 +339,7 @@ def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[tor
             "algbw_gbps": alg_bytes / t / 1e9 if t > 0 else 0.0,
             "a2a_algbw_gbps": alg_bytes / (ta["median_us"] / 1e6) / 1e9,
             "speedup_vs_a2a": ta["median_us"] / ts["median_us"] if ts["median_us"] > 0 else 0.0,
+            "speedup_vs_collective": tc["median_us"] / ts["median_us"] if ts["median_us"] > 0 else 0.0,
             "rail_token_copies": [int(s["rail_token_copies"]) for s in stats],
             "node_token_copies": [int(s["node_token_copies"]) for s in stats],
             "flat_rail_token_copies": [int(s["flat_rail_token_copies"]) for s in stats],
@@ -399,6 +411,12 @@ def format_report(res: Dict[str, Any]) -> str:
                  "rank's bytes / median time;")
     lines.append("algbw: routed payload bytes per rank / time; a2a: torch.distributed.all_to_all_single of the "
                  "same routed rows (pack + a2a; combine: reverse a2a + sum); speedup = a2a time / time")
+    total = sum(res["ops"][op]["time"]["median_us"] for op in OPS)
+    flat = sum(res["ops"][op]["a2a_time"]["median_us"] for op in OPS)
+    coll = sum(res["ops"][op]["collective_time"]["median_us"] for op in OPS)
+    lines.append(f"dispatch+combine: {total / 1e3:.1f} ms; flat (pack + a2a, a2a + sum): {flat / 1e3:.1f} ms "
+                 f"= {flat / total:.2f}x; the all_to_all_single calls alone: {coll / 1e3:.1f} ms "
+                 f"= {coll / total:.2f}x")
     d = res["ops"]["dispatch"]
     if d["flat_rail_bytes_total"]:
         lines.append(f"dispatch rail bytes vs a flat all-to-all of the same records: "
