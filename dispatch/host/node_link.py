@@ -64,7 +64,6 @@ class NodeLink:
         self.area_bytes = ctrl_bytes + num_slots * self.slot_bytes
         self._segment = self._map_segment(group, topo, L * self.area_bytes)
         self._base = self._segment.address
-        self._views: dict = {}
         _C.atomic_store(self._addr(topo.local_rank, self._pid_off), os.getpid())
         dist.barrier(group=group)  # every pid is written before anyone reads it
         self.local_pids = {topo.rank_of(topo.node, j): self.load(self._addr(j, self._pid_off))
@@ -153,7 +152,6 @@ class NodeLink:
         return out
 
     def close(self) -> None:
-        self._views.clear()
         if self._segment is not None:
             self._segment.close()
             self._segment = None

@@ -6,8 +6,8 @@ all ranks of a node derive the same schedules without talking.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 
@@ -127,7 +127,6 @@ class HostHandle:
     recv_rows_by_producer: List[List[torch.Tensor]]
     recv_src_rank: torch.Tensor
     recv_src_token: torch.Tensor
-    extra: Dict[str, object] = field(default_factory=dict)
 
     @property
     def num_recv_rows(self) -> int:
