@@ -288,6 +288,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
     # gather everything to every rank (rank 0 reports)
     mine = {"rank": rank, "times": times, "dispatch_stats": d_stats, "combine_stats": c_stats,
+            "chunk_records": getattr(handle, "chunk_records", None),
             "recv_rows": n_recv, "calib": calib, "tiny_times": tiny_times}
     allr: List[Any] = [None] * world
     dist.all_gather_object(allr, mine)
@@ -358,7 +359,8 @@ def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result
     the median measured time."""
     from bench.cost_model import HostLinks, Link, predict_emulated
     from bench.common import acc_bytes, percentile
-    chunk = cfg.get("chunk_tokens") or 256
+    # the records per chunk the backend chose (its handle says), else what was asked for
+    chunk = allr[0].get("chunk_records") or cfg.get("chunk_tokens") or 256
     bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], cfg["ranks_per_node"])
     acc = acc_bytes(combine_dtype(cfg["dtype"]))
     preds = {op: [] for op in OPS}

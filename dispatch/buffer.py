@@ -32,8 +32,8 @@ class Buffer:
 
     Args:
         group: the process group of the expert-parallel ranks.
-        num_nvl_bytes: in-node staging budget per rank (0: a 16 MiB default).
-        num_rdma_bytes: rail staging budget per rank (0: a 16 MiB default).
+        num_nvl_bytes: in-node staging budget per rank (0: a 64 MiB default).
+        num_rdma_bytes: rail staging budget per rank (0: a 64 MiB default).
         num_ranks_per_node: ranks per node ``L`` (default: ``LOCAL_WORLD_SIZE``, else by host name).
         timeout_s: seconds without progress before a missing peer is reported.
     """
@@ -82,7 +82,7 @@ class Buffer:
         return Config(num_sms=Buffer.num_sms)
 
     @staticmethod
-    def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks_per_node: int, chunk_tokens: int = 256) -> int:
+    def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks_per_node: int, chunk_tokens: int = 1024) -> int:
         """In-node staging per rank that lets chunks of ``chunk_tokens`` rows flow (hidden_bytes in
         float32 terms, as combine partials are)."""
         from .host.node_link import OUTBOX_SLOTS, RETURN_SLOTS
@@ -90,7 +90,7 @@ class Buffer:
         return (OUTBOX_SLOTS + num_ranks_per_node * RETURN_SLOTS) * chunk_tokens * row_bytes + (1 << 20)
 
     @staticmethod
-    def get_rdma_buffer_size_hint(hidden_bytes: int, num_nodes: int, chunk_tokens: int = 256) -> int:
+    def get_rdma_buffer_size_hint(hidden_bytes: int, num_nodes: int, chunk_tokens: int = 1024) -> int:
         """Rail staging per rank for chunks of ``chunk_tokens`` rows (hidden_bytes in float32 terms)."""
         return 4 * max(1, num_nodes - 1) * chunk_tokens * (hidden_bytes + 1024)
 
