@@ -11,6 +11,7 @@
 #include "../host/block_pool.h"
 #include "../host/combine_reduce.h"
 #include "../host/dispatch_records.h"
+#include "../host/doorbell.h"
 #include "../host/shm_segment.h"
 
 namespace py = pybind11;
@@ -102,6 +103,12 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("atomic_load", &atomic_load);
   m.def("atomic_store", &atomic_store);
+  m.def("doorbell_ring", [](uintptr_t bell) { doorbell_ring(as_ptr<Doorbell>(bell)); });
+  m.def("doorbell_rings", [](uintptr_t bell) { return doorbell_rings(as_ptr<const Doorbell>(bell)); });
+  m.def(
+      "doorbell_wait",
+      [](uintptr_t bell, uint32_t seen, double timeout_s) { return doorbell_wait(as_ptr<Doorbell>(bell), seen, timeout_s); },
+      py::arg("bell"), py::arg("seen"), py::arg("timeout_s"), nogil);
 
   m.def("compute_layout", &layout_entry, nogil);
   m.def("plan_dispatch_sends", &plan_entry, nogil);

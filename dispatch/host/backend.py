@@ -44,6 +44,7 @@ class HostBackend:
         self.node = NodeLink(group, topo, num_nvl_bytes or DEFAULT_NVL_BYTES,
                              nt.notify_words(topo.num_ranks, topo.num_nodes))
         self.rail = RailLink(group, topo, timeout_s)
+        self.rail.on_complete = self.node.ring_self
         remote = topo.num_nodes - 1
         self.rdma_slot_bytes = max(4096, (num_rdma_bytes or DEFAULT_RDMA_BYTES) // max(1, 4 * remote))
         self._rail_staging: List[torch.Tensor] = []

@@ -60,9 +60,11 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     # Own tokens' partials go straight into acc; rows no own-node partial writes start at 0.
     untouched = torch.ones(handle.num_tokens, dtype=torch.bool)
     untouched[own_tokens.long()] = False
-    acc[untouched] = 0
+    untouched_rows = untouched.nonzero().flatten()
+    # index_fill_, not a boolean-mask assignment: the latter costs ~14 ms on [4096, 2048].
+    acc.index_fill_(0, untouched_rows, 0)
     if acc_weights is not None:
-        acc_weights[untouched] = 0
+        acc_weights.index_fill_(0, untouched_rows, 0)
     remote_sources = [topo.rail_peer(m) for m in range(topo.num_nodes) if m != topo.node]
     send_slots = {src: rail_staging[4 * i:4 * i + 2] for i, src in enumerate(remote_sources)}
     send_works: Dict[int, List[Optional[object]]] = {src: [None, None] for src in remote_sources}
@@ -108,7 +110,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     own_rows = handle.recv_rows_by_producer[local]
     chunk_pointers = torch.zeros(L, dtype=torch.int64)
 
-    progress = Progress(timeout_s, "combine", blocker, node.local_pids)
+    progress = Progress(timeout_s, "combine", blocker, node.local_pids, bell=node)
     while True:
         progressed = False
 
@@ -123,6 +125,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
                        node.return_slot(local, q, position), return_layout, x.data_ptr(), _ptr(weights),
                        rows.data_ptr(), rows.numel(), num_threads)
                 node.store(node.return_published(local, q), position + 1)
+                node.ring(q)
                 return_next[q] += 1
                 progressed = True
 
@@ -160,6 +163,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
             for j in involved:
                 consumed_next[j] += 1
                 node.store(node.return_consumed(j, local), consumed_base[j] + consumed_next[j])
+                node.ring(j)
             if out is not None:
                 send_works[src][slot] = rail.isend(out[:count * pb], src, chunk)
                 send_count[src] += 1

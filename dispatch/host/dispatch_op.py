@@ -163,7 +163,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 return sender.peer
         return None
 
-    progress = Progress(timeout_s, "dispatch", blocker, node.local_pids)
+    progress = Progress(timeout_s, "dispatch", blocker, node.local_pids, bell=node)
     while True:
         progressed = False
         for sender in senders:
@@ -200,6 +200,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
             while published < filled and ready[published]:
                 published += 1
             node.store(node.outbox_published(local), base_published + published)
+            node.ring_node()
             progressed = True
 
         # Place the records addressed to this rank.
@@ -219,6 +220,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 if start_ns:
                     _profile.record("dispatch.node_copy", 0, start_ns, time.perf_counter_ns(), received * rb)
                 node.store(node.outbox_acked(j, local), position + 1)
+                node.ring(j)
                 read_next[j] += 1
                 progressed = True
                 if log is not None:

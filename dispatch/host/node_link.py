@@ -2,18 +2,20 @@
 
 Each local rank owns an *area* of the segment, laid out as::
 
-    control block (counters, each on its own cache line; two notify rows)
+    control block (pid, doorbell, counters, each on its own cache line; two notify rows)
     outbox slots   [OUTBOX_SLOTS]        dispatch records this rank exposes to its node
     return slots   [L][RETURN_SLOTS]     combine rows this rank returns to each local reducer
 
 All counters grow monotonically across calls (slot = counter % slots), so no reset or barrier
-is needed between calls. The name is unlinked as soon as every local rank has mapped the
+is needed between calls. Whoever moves a counter another rank waits on rings that rank's
+doorbell (a futex), so an idle rank sleeps until there is something to do instead of polling. The name is unlinked as soon as every local rank has mapped the
 segment, so nothing is left in /dev/shm even if a process dies.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import List
 
@@ -50,8 +52,9 @@ class NodeLink:
         self.notify_words = notify_words
         # Control block offsets.
         self._pid_off = 0
-        self._notify_seq_off = _LINE  # two lines
-        self._acked_off = 3 * _LINE  # L lines: reader i's ack of this outbox
+        self._doorbell_off = _LINE
+        self._notify_seq_off = 2 * _LINE  # two lines
+        self._acked_off = 4 * _LINE  # L lines: reader i's ack of this outbox
         self._published_off = self._acked_off + L * _LINE
         self._ret_published_off = self._published_off + _LINE  # L lines, one per reducer
         self._ret_consumed_off = self._ret_published_off + L * _LINE  # L lines
@@ -64,6 +67,7 @@ class NodeLink:
         self.area_bytes = ctrl_bytes + num_slots * self.slot_bytes
         self._segment = self._map_segment(group, topo, L * self.area_bytes)
         self._base = self._segment.address
+        self._bell_lock = threading.Lock()  # rail waiter threads ring while close() may unmap
         _C.atomic_store(self._addr(topo.local_rank, self._pid_off), os.getpid())
         dist.barrier(group=group)  # every pid is written before anyone reads it
         self.local_pids = {topo.rank_of(topo.node, j): self.load(self._addr(j, self._pid_off))
@@ -110,6 +114,31 @@ class NodeLink:
         slot = reducer * RETURN_SLOTS + position % RETURN_SLOTS
         return self._addr(writer, self._returns_off + slot * self.slot_bytes)
 
+    # --- doorbells ------------------------------------------------------------------------
+    def ring(self, local_rank: int) -> None:
+        """Wakes ``local_rank`` (after changing something it may wait on); a no-op for self."""
+        if local_rank != self.topo.local_rank:
+            _C.doorbell_ring(self._addr(local_rank, self._doorbell_off))
+
+    def ring_node(self) -> None:
+        """Wakes every other local rank."""
+        for j in range(self.topo.num_ranks_per_node):
+            self.ring(j)
+
+    def ring_self(self) -> None:
+        """Wakes this rank's own loop: called by rail waiter threads, possibly after close()."""
+        with self._bell_lock:
+            if self._segment is not None:
+                _C.doorbell_ring(self._addr(self.topo.local_rank, self._doorbell_off))
+
+    def bell_rings(self) -> int:
+        """This rank's ring count: read it before looking for work, then wait on it."""
+        return _C.doorbell_rings(self._addr(self.topo.local_rank, self._doorbell_off))
+
+    def wait_bell(self, seen: int, timeout_s: float) -> bool:
+        """Sleeps until this rank's bell rang since ``seen`` or ``timeout_s`` passed."""
+        return _C.doorbell_wait(self._addr(self.topo.local_rank, self._doorbell_off), seen, timeout_s)
+
     @staticmethod
     def load(address: int) -> int:
         return _C.atomic_load(address)
@@ -138,10 +167,11 @@ class NodeLink:
         mine = self.view(self._addr(me, rows_off), self.notify_words * 8).view(torch.int64)
         mine.copy_(row)
         self.store(self._addr(me, self._notify_seq_off + parity * _LINE), seq)
+        self.ring_node()
         out = torch.empty((L, self.notify_words), dtype=torch.int64)
         pending = set(range(L))
         progress = Progress(timeout_s, what, lambda: self.topo.rank_of(self.topo.node, min(pending)),
-                            self.local_pids)
+                            self.local_pids, bell=self)
         while pending:
             done = [j for j in pending if self.load(self._addr(j, self._notify_seq_off + parity * _LINE)) == seq]
             for j in done:
@@ -152,6 +182,7 @@ class NodeLink:
         return out
 
     def close(self) -> None:
-        if self._segment is not None:
-            self._segment.close()
-            self._segment = None
+        with self._bell_lock:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None

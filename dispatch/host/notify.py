@@ -60,7 +60,7 @@ def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float
             sends.append((peer, rail.isend(block, peer, NOTIFY_TAG)))
             works[peer] = rail.irecv(matrix[m], peer, NOTIFY_TAG)
         # Longer than a local wait, so a poisoned block from a peer's node arrives first.
-        progress = Progress(timeout_s * 1.25 + 1.0, what, lambda: min(works), node.local_pids)
+        progress = Progress(timeout_s * 1.25 + 1.0, what, lambda: min(works), node.local_pids, bell=node)
         wait_all(works, progress)
         # A poisoned block means its sender gave up and will never take ours: check before
         # waiting on our sends.

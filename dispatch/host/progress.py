@@ -1,10 +1,13 @@
-"""Polling with back-off and a deadline: every wait of the CPU backend goes through here."""
+"""Waiting with a deadline: every wait of the CPU backend goes through here.
+
+With a doorbell (the node link), a loop pass that found nothing to do sleeps on this rank's
+futex until a peer or a rail waiter thread rings it; without one it polls with back-off."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import PeerTimeoutError
 
@@ -34,14 +37,19 @@ class Progress:
         what: the call, for the error message ("dispatch", "combine").
         blocker: returns the global rank currently waited on (or None) when a pass stalls.
         local_pids: global rank -> pid of node peers, checked for death while stalled.
+        bell: an object with ``bell_rings()`` and ``wait_bell(seen, timeout_s)`` (the node
+            link); every change a pass can wait on must ring it.
     """
 
     def __init__(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]],
-                 local_pids: Optional[dict] = None) -> None:
+                 local_pids: Optional[dict] = None, bell: Any = None) -> None:
         self.timeout_s = timeout_s
         self.what = what
         self.blocker = blocker
         self.local_pids = local_pids or {}
+        self.bell = bell
+        # Read before the first pass: a ring during a pass makes the next wait return at once.
+        self._seen = bell.bell_rings() if bell is not None else 0
         self._sleep_s = _SLEEP_MIN_S
         now = time.monotonic()
         self._last_progress = now
@@ -52,6 +60,8 @@ class Progress:
         if progressed:
             self._sleep_s = _SLEEP_MIN_S
             self._last_progress = time.monotonic()
+            if self.bell is not None:
+                self._seen = self.bell.bell_rings()
             return
         now = time.monotonic()
         if now - self._last_pid_check > _PID_CHECK_INTERVAL_S:
@@ -62,5 +72,10 @@ class Progress:
         if now - self._last_progress > self.timeout_s:
             rank = self.blocker()
             raise PeerTimeoutError(-1 if rank is None else rank, f"did not take part in {self.what}", self.timeout_s)
+        if self.bell is not None:
+            wait_s = min(_PID_CHECK_INTERVAL_S, self.timeout_s - (now - self._last_progress)) + 1e-3
+            self.bell.wait_bell(self._seen, wait_s)
+            self._seen = self.bell.bell_rings()
+            return
         time.sleep(self._sleep_s)
         self._sleep_s = min(_SLEEP_MAX_S, self._sleep_s * 2)

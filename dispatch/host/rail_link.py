@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 from datetime import timedelta
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,12 +22,13 @@ class Pending:
     """A rail transfer in flight: gloo's point-to-point work reports completion only through a
     blocking ``wait()``, so a daemon waiter thread turns it into a flag the event loop polls."""
 
-    __slots__ = ("work", "finished", "error")
+    __slots__ = ("work", "finished", "error", "on_done")
 
-    def __init__(self, work: "dist.Work") -> None:
+    def __init__(self, work: "dist.Work", on_done: Optional[Callable[[], None]] = None) -> None:
         self.work = work
         self.finished = False
         self.error: Optional[BaseException] = None
+        self.on_done = on_done
 
 
 class _Waiters:
@@ -55,6 +56,11 @@ class _Waiters:
             except BaseException as error:  # reported to the event loop, never lost
                 pending.error = error
             pending.finished = True
+            if pending.on_done is not None:
+                try:
+                    pending.on_done()
+                except BaseException:  # a late ring after close() must not kill the waiter
+                    pass
             with self._lock:
                 self._idle += 1
 
@@ -74,6 +80,8 @@ class RailLink:
     def __init__(self, group: dist.ProcessGroup, topo: Topology, timeout_s: float) -> None:
         self.topo = topo
         self.group: Optional[dist.ProcessGroup] = None
+        # Called by the waiter thread when a transfer finishes (the backend rings its doorbell).
+        self.on_complete: Optional[Callable[[], None]] = None
         self._global = [dist.get_global_rank(group, r) for r in range(topo.num_ranks)]
         if topo.num_nodes == 1:
             return
@@ -96,7 +104,7 @@ class RailLink:
 
     def _start(self, op, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
         try:
-            pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag))
+            pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag), self.on_complete)
         except RuntimeError as error:
             raise PeerTimeoutError(peer, f"is unreachable on the rail ({error})") from error
         _WAITERS.submit(pending)
