@@ -16,8 +16,9 @@ algorithm bandwidth (routed payload rows x row bytes per rank / time), and the s
 moved by ``torch.distributed.all_to_all_single`` in the same run (pack + all-to-all; for
 combine the reverse all-to-all + sum per token), with the speed ratio.
 
-``--model-check`` also measures this cluster's own link speeds (rail: concurrent point-to-point
-between rail peers; node: concurrent copies through shared memory) and the library's fixed
+``--model-check`` also measures this cluster's own link speeds (rail: point-to-point between two
+rail peers; node: the library's movers on shared memory, all ranks at once, see
+``bench.calibrate``), the CPU cost of a chunk (tiny-row runs at two chunk sizes) and the fixed
 per-call cost (a one-token call), feeds them to ``bench.cost_model`` and prints predicted vs
 measured time.
 """
@@ -69,43 +70,37 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- calibration
 
-def calibrate_links(rank: int, world: int, L: int, rail_sizes=(1 << 16, 1 << 22), copy_bytes: int = 1 << 24,
-                    reps: int = 3, fresh_bytes: Optional[int] = None) -> Dict[str, float]:
-    """Measures this emulated cluster's links one rank (or one rank pair) at a time, the others
-    idle, the way the CPU backend uses them; ``bench.cost_model.predict_emulated`` then shares the
-    host's cores among all ranks. Collective; every rank gets the same numbers:
+def calibrate_links(rank: int, world: int, L: int, cfg: Dict[str, Any], chunk_records: int,
+                    rail_sizes=(1 << 16, 1 << 22), reps: int = 3) -> Dict[str, float]:
+    """Measures this emulated cluster's links the way the CPU backend uses them, for
+    ``bench.cost_model.predict_emulated``. Collective; every rank gets the same numbers:
 
-    * rail: rank 0 and its rail peer exchange one message each way over gloo (alpha and bytes/s
-      fitted from a small and a large message);
-    * node_alpha: rank 0 and a local partner exchange a tiny message (a hand-off between processes);
-    * copy_bw: rank 0 copies into memory that stays mapped (staging, outboxes);
-    * fresh_bw: rank 0 copies into a freshly allocated tensor of ``fresh_bytes`` (pass the size of
-      the call's receive tensor: whether the allocator hands out new pages, which must be faulted
-      in, or recycled ones depends on the size, as it does for the library's receive tensors).
+    * rail: rank 0 and its rail peer exchange one message each way over gloo, the others idle
+      (alpha and bytes/s fitted from a small and a large message);
+    * movers: every rank at once runs ``bench.calibrate.mover_speeds`` for this run's row
+      layout (so with the contention of all ranks sharing the cores); the median over ranks.
     """
-    N = world // L
-    out = torch.zeros(6, dtype=torch.float64)   # rail_bw, rail_alpha, node_alpha, copy_bw, fresh_bw, has_rail
+    from bench.calibrate import mover_speeds
 
-    def timed(fn) -> float:
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+    N = world // L
+    out = torch.zeros(3, dtype=torch.float64)   # rail_bw, rail_alpha, has_rail
 
     def pair(peer: int, sizes) -> List[float]:
         res = []
-        for s in sizes:
-            send = torch.ones(s, dtype=torch.uint8)
-            recv = torch.empty(s, dtype=torch.uint8)
+        for size in sizes:
+            send = torch.ones(size, dtype=torch.uint8)
+            recv = torch.empty(size, dtype=torch.uint8)
 
-            def step():
-                works = [dist.isend(send, peer), dist.irecv(recv, peer)]
-                for w in works:
-                    w.wait()
+            def step() -> None:
+                for work in [dist.isend(send, peer), dist.irecv(recv, peer)]:
+                    work.wait()
             step()
-            res.append(timed(step))
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - t0)
+            res.append(sorted(samples)[len(samples) // 2])
         return res
 
     dist.barrier()
@@ -113,31 +108,54 @@ def calibrate_links(rank: int, world: int, L: int, rail_sizes=(1 << 16, 1 << 22)
         t0, t1 = pair(L if rank == 0 else 0, rail_sizes)
         if rank == 0:
             bw = (rail_sizes[1] - rail_sizes[0]) / max(t1 - t0, 1e-9)
-            out[0], out[1], out[5] = bw, max(0.0, t0 - rail_sizes[0] / bw), 1.0
-    dist.barrier()
-    if L > 1 and rank in (0, 1):
-        (t,) = pair(1 - rank, (4,))
-        if rank == 0:
-            out[2] = t
-    dist.barrier()
-    if rank == 0:
-        src = torch.ones(copy_bytes, dtype=torch.uint8)
-        dst = torch.empty(copy_bytes, dtype=torch.uint8).share_memory_()
-        dst.copy_(src)
-        out[3] = copy_bytes / timed(lambda: dst.copy_(src))
-        nf = max(1 << 16, int(fresh_bytes or copy_bytes))
-        fsrc = src if nf <= copy_bytes else torch.ones(nf, dtype=torch.uint8)
-
-        def fresh():
-            torch.empty(nf, dtype=torch.uint8).copy_(fsrc[:nf])
-        fresh()
-        out[4] = nf / timed(fresh)
+            out[0], out[1], out[2] = bw, max(0.0, t0 - rail_sizes[0] / bw), 1.0
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    res = {"node_alpha": float(out[2]), "copy_bw": float(out[3]), "fresh_bw": float(out[4]),
-           "cores": float(os.cpu_count() or 1)}
-    if out[5] > 0:
+    dist.barrier()
+    mine = mover_speeds(cfg["hidden"], cfg["topk"], L, cfg["dtype"], chunk_records, num_tokens=cfg["tokens"],
+                        reps=1, working_set_bytes=64 << 20, seed=rank)
+    names = sorted(mine)
+    speeds = torch.tensor([mine[k] for k in names], dtype=torch.float64)
+    every = [torch.empty_like(speeds) for _ in range(world)]
+    dist.all_gather(every, speeds)
+    median = torch.stack(every).median(dim=0).values
+    res = {"cores": float(os.cpu_count() or 1)}
+    res.update({"mover_" + k: float(v) for k, v in zip(names, median)})
+    if out[2] > 0:
         res["rail_bw"], res["rail_alpha"] = float(out[0]), float(out[1])
     return res
+
+
+def chunk_cost_runs(buf, topk_idx: torch.Tensor, topk_weights: torch.Tensor, cfg: Dict[str, Any],
+                    chunk_sizes=(32, 1024), hidden: int = 64, reps: int = 3) -> Dict[str, List[float]]:
+    """Times dispatch and combine of this run's routing with tiny rows (``hidden``) at two chunk
+    sizes: the bytes are the same, so the difference is what chunks cost. Collective; returns,
+    per op, the slowest rank's median seconds for each chunk size."""
+    from dispatch import Config
+
+    x = torch.randn(topk_idx.shape[0], hidden).to(torch.bfloat16)
+    E = cfg["experts"]
+    out = {"dispatch": [], "combine": []}
+    for chunk in chunk_sizes:
+        config = Config(num_sms=cfg["num_sms"], chunk_tokens=chunk)
+        samples = {"dispatch": [], "combine": []}
+        for rep in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            rx, _, rw, _, handle, _ = buf.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=E,
+                                                   config=config)
+            t1 = time.perf_counter()
+            dist.barrier()
+            t2 = time.perf_counter()
+            buf.combine(rx, handle, topk_weights=rw, config=config)
+            t3 = time.perf_counter()
+            if rep:  # the first pair warms the pools up
+                samples["dispatch"].append(t1 - t0)
+                samples["combine"].append(t3 - t2)
+        for op in out:
+            median = torch.tensor(sorted(samples[op])[len(samples[op]) // 2], dtype=torch.float64)
+            dist.all_reduce(median, op=dist.ReduceOp.MAX)
+            out[op].append(float(median))
+    return out
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -183,7 +201,6 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     y = recv_rows.to(torch.float32).to(comb_dt) if cfg["dtype"] != "fp8" else \
         torch.randn(recv_rows.shape[0], cfg["hidden"]).to(comb_dt)
     n_recv = y.shape[0]
-    recv_nbytes = recv_rows.numel() * recv_rows.element_size()
 
     def do_combine():
         return buf.combine(y, handle, topk_weights=recv_w, config=config)
@@ -252,6 +269,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     calib: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
     tiny_times: Optional[List[Dict[str, float]]] = [] if cfg.get("model_check") else None
     fns = [("dispatch", do_dispatch), ("combine", do_combine)]
+    chunk_runs = chunk_cost_runs(buf, topk_idx, topk_weights, cfg) if cfg.get("model_check") else None
     for it in range(cfg["warmup"] + cfg["iters"]):
         warm = it < cfg["warmup"]
         for name, fn in fns:
@@ -279,7 +297,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
         tick(("warmup" if warm else "timing") + " all_to_all_single")
         if calib is not None and not warm:
             # measured next to every timed call, so model and measurement see the same machine load
-            calib.append(calibrate_links(rank, world, L, reps=1, fresh_bytes=recv_nbytes))
+            calib.append(calibrate_links(rank, world, L, cfg, getattr(handle, "chunk_records", 1024), reps=1))
             tiny_times.append(tiny_calls())
         tick(("warmup" if warm else "timing") + (" link calibration" if calib is not None else " all_to_all_single"))
 
@@ -289,7 +307,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     # gather everything to every rank (rank 0 reports)
     mine = {"rank": rank, "times": times, "dispatch_stats": d_stats, "combine_stats": c_stats,
             "chunk_records": getattr(handle, "chunk_records", None),
-            "recv_rows": n_recv, "calib": calib, "tiny_times": tiny_times}
+            "recv_rows": n_recv, "calib": calib, "tiny_times": tiny_times, "chunk_runs": chunk_runs}
     allr: List[Any] = [None] * world
     dist.all_gather_object(allr, mine)
     idx_all: List[Any] = [None] * world
@@ -357,19 +375,26 @@ def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result
     measured on this cluster next to every timed iteration (the host may be shared: the link
     speeds and the call times are taken under the same load). Compares the median prediction with
     the median measured time."""
-    from bench.cost_model import HostLinks, Link, predict_emulated
+    from bench.cost_model import HostLinks, Link, Movers, chunk_events, predict_emulated
     from bench.common import acc_bytes, percentile
     # the records per chunk the backend chose (its handle says), else what was asked for
     chunk = allr[0].get("chunk_records") or cfg.get("chunk_tokens") or 256
     bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], cfg["ranks_per_node"])
     acc = acc_bytes(combine_dtype(cfg["dtype"]))
+    # CPU seconds per chunk event: the tiny-row runs at two chunk sizes differ only in chunks
+    runs = allr[0]["chunk_runs"]
+    cores = int(allr[0]["calib"][0].get("cores", 1))
+    small, large = (32, 1024)
+    extra_events = float(chunk_events(traffic, small).sum() - chunk_events(traffic, large).sum())
+    chunk_s = {op: max(0.0, (runs[op][0] - runs[op][1]) * cores / max(extra_events, 1.0)) for op in OPS}
     preds = {op: [] for op in OPS}
     stages = {op: [] for op in OPS}
     cals = allr[0]["calib"]
     for i, cal in enumerate(cals):
         fixed = {op: max(r["tiny_times"][i][op] for r in allr) for op in OPS}
-        links = HostLinks(rail=Link(cal.get("rail_alpha", 0.0), cal.get("rail_bw", 1e12)), copy_bw=cal["copy_bw"],
-                          fresh_bw=cal["fresh_bw"], node_alpha=cal.get("node_alpha", 0.0),
+        movers = Movers(**{k[len("mover_"):]: v for k, v in cal.items() if k.startswith("mover_")})
+        links = HostLinks(rail=Link(cal.get("rail_alpha", 0.0), cal.get("rail_bw", 1e12)), movers=movers,
+                          chunk_dispatch_s=chunk_s["dispatch"], chunk_combine_s=chunk_s["combine"],
                           fixed_dispatch=fixed["dispatch"], fixed_combine=fixed["combine"],
                           cores=int(cal.get("cores", 1)))
         p = predict_emulated(links, traffic, bpt, cfg["hidden"], acc, chunk)
@@ -377,7 +402,8 @@ def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result
             preds[op].append(p[op])
             stages[op].append(dict(p[op + "_stages"], fixed=fixed[op]))
     med_links = {k: percentile([c[k] for c in cals], 0.5) for k in cals[0]}
-    out: Dict[str, Any] = {"links": med_links, "links_per_iter": cals, "chunk_tokens": chunk}
+    out: Dict[str, Any] = {"links": med_links, "links_per_iter": cals, "chunk_tokens": chunk,
+                           "chunk_cpu_s": chunk_s, "chunk_runs_s": runs}
     for op in OPS:
         meas = result["ops"][op]["time"]["median_us"] / 1e6
         pred = percentile(preds[op], 0.5)
@@ -429,11 +455,14 @@ def format_report(res: Dict[str, Any]) -> str:
     if mc:
         ln = mc["links"]
         lines.append("")
-        lines.append("cost model check (bench.cost_model.predict_emulated; links measured on this cluster, one "
-                     f"rank at a time, shared by {int(ln.get('cores', 1))} cores: rail "
-                     + (f"{ln['rail_bw'] / 1e9:.3f} GB/s + {ln['rail_alpha'] * 1e6:.0f} us, " if "rail_bw" in ln else "none, ")
-                     + f"copy {ln['copy_bw'] / 1e9:.3f} GB/s, copy to new memory {ln['fresh_bw'] / 1e9:.3f} GB/s "
-                     f"per rank, node hand-off {ln.get('node_alpha', 0) * 1e6:.0f} us; chunk {mc['chunk_tokens']} tokens):")
+        movers = ", ".join(f"{k[len('mover_'):]} {v / 1e9:.2f}" for k, v in sorted(ln.items())
+                           if k.startswith("mover_"))
+        lines.append("cost model check (bench.cost_model.predict_emulated; links measured on this cluster, shared by "
+                     f"{int(ln.get('cores', 1))} cores: rail "
+                     + (f"{ln['rail_bw'] / 1e9:.3f} GB/s + {ln['rail_alpha'] * 1e6:.0f} us; " if "rail_bw" in ln else "none; ")
+                     + f"movers GB/s per CPU-second: {movers}; CPU per chunk: dispatch "
+                     f"{mc['chunk_cpu_s']['dispatch'] * 1e6:.0f} us, combine {mc['chunk_cpu_s']['combine'] * 1e6:.0f} us; "
+                     f"chunk {mc['chunk_tokens']} tokens):")
         for op in OPS:
             m = mc[op]
             st = ", ".join(f"{k} {v:.0f}" for k, v in m["stages_us"].items())

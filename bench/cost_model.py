@@ -167,83 +167,108 @@ def predict(spec: ClusterSpec, traffic: Traffic, bpt: BytesPerToken,
 # ----------------------------------------------------------------------------- emulated cluster
 
 @dataclass(frozen=True)
-class HostLinks:
-    """Link speeds of an *emulated* cluster (CPU backend, ranks = processes of one host), each
-    measured for one rank (or one rank pair) with the others idle, the way the backend uses it:
+class Movers:
+    """Bytes per CPU-second of the CPU backend's movers (``bench.calibrate.mover_speeds``): the
+    in-node link of an emulated cluster is these C++ loops on shared memory."""
 
-    * ``rail``: gloo point-to-point between two rail peers (alpha per message, bytes/s per rank);
-    * ``copy_bw``: memcpy into memory that is already mapped (rail staging, node outboxes, inboxes);
-    * ``fresh_bw``: memcpy into freshly allocated memory (the receive / output tensors of a call);
-    * ``node_alpha``: hand-off latency between two processes of a node (a tiny exchange);
-    * ``fixed_dispatch`` / ``fixed_combine``: seconds of a one-token call (count exchange, Python);
+    pack: float           # dispatch records gathered from x (record bytes)
+    unpack: float         # records placed into receive rows (record bytes)
+    gather: float         # combine rows copied to their reducer (return-row bytes)
+    reduce_first: float   # a record's first returned row read into its partial (return-row bytes)
+    reduce_more: float    # each further returned row summed into it (return-row bytes)
+    accumulate: float     # one remote partial added at the source (partial bytes)
+
+
+@dataclass(frozen=True)
+class HostLinks:
+    """Link speeds of an *emulated* cluster (CPU backend, ranks = processes of one host), measured
+    on that cluster the way the backend uses them:
+
+    * ``rail``: gloo point-to-point between two rail peers exchanging both ways (alpha per
+      message; bw: bytes per second each way, which is also the CPU each end spends per byte);
+    * ``movers``: the in-node movers' speeds, measured on all ranks at once (so with the
+      contention of ranks sharing cores and memory);
+    * ``chunk_dispatch_s`` / ``chunk_combine_s``: CPU seconds one chunk costs beyond its bytes
+      (a pass of the event loop, a hand-off, a rail waiter), from two runs of the library that
+      differ only in chunk size;
+    * ``fixed_dispatch`` / ``fixed_combine``: seconds of a one-token call (handshake, Python);
     * ``cores``: cores of the host, shared by all ranks.
     """
 
     rail: Link
-    copy_bw: float
-    fresh_bw: float
-    node_alpha: float = 0.0
+    movers: Movers
+    chunk_dispatch_s: float = 0.0
+    chunk_combine_s: float = 0.0
     fixed_dispatch: float = 0.0
     fixed_combine: float = 0.0
     cores: int = 1
+
+
+def chunk_events(traffic: Traffic, chunk_tokens: int) -> torch.Tensor:
+    """Per rank, the chunks it handles in one call: its outbox chunks (own tokens for its node,
+    then rail arrivals) plus its rail sends: ``ceil(own/C) + ceil(rail_recv/C) + ceil(rail_send/C)``."""
+    own = traffic.own_node_tokens if traffic.own_node_tokens is not None else torch.zeros_like(traffic.recv_rows)
+    c = max(1, chunk_tokens)
+    ceil = lambda t: torch.div(t + c - 1, c, rounding_mode="floor")  # noqa: E731
+    return ceil(own) + ceil(traffic.dispatch_rail_recv) + ceil(traffic.dispatch_rail_send)
 
 
 def predict_emulated(links: HostLinks, traffic: Traffic, bpt: BytesPerToken, hidden: int,
                      acc_elem_bytes: int = 4, chunk_tokens: int = 256) -> Dict[str, Any]:
     """Predicted dispatch / combine seconds of the CPU backend on an emulated cluster.
 
-    On one host all ranks' links are served by the same ``cores``: the work of every rank is CPU
-    time (a rank's stages are costed at the one-rank speeds), and the call takes::
+    On one host every rank's work is CPU time on the same ``cores``, so the call takes::
 
-        T = fixed + max( sum over ranks and stages of work / cores,          (cores saturated)
-                         max over ranks of (its own work + its hand-offs) )  (one rank's path)
+        T = fixed + max( sum over ranks and stages of work / cores,        (cores saturated)
+                         max over ranks of (its own work + rail latency) )  (one rank's path)
 
-    The CPU backend reads every received row out of a node outbox (its own rows too) and every
-    chunk of a rank's outbox (``ceil((own_node_tokens + rail_recv) / chunk)``) is a hand-off
-    between processes (``sync``, latency only: it costs no CPU)::
+    Per rank, with ``rs``/``rr`` its dispatch-direction rail records sent/received, ``own`` its
+    tokens for its own node, ``recv`` the rows it receives in dispatch, ``ns`` the rows it
+    returns to other reducers in combine, ``E`` its chunk events (:func:`chunk_events`)::
 
-        dispatch  pack    (rail_send + own_node_tokens) * record / copy_bw
-                  rail    max(rail_send, rail_recv) * record / rail.bw + chunks * rail.alpha
-                  unpack  recv_rows * record / fresh_bw                    (into the new recv_x)
-        combine   node    recv_rows * return_row / copy_bw                 (rows to their reducer)
-                  reduce  recv_rows * return_row / copy_bw                 (every row read once)
-                          + (rail_recv + own_node_tokens) * partial / copy_bw
-                  rail    max(rail_send, rail_recv) * partial / rail.bw + chunks * rail.alpha
-                  accum.  (rail_send + own_node_tokens) * partial / copy_bw
-                          + tokens * hidden * acc_bytes / fresh_bw         (the new accumulator)
-        both      sync    outbox_chunks * node_alpha
+        dispatch  pack    (rs + own) * record / pack
+                  rail    max(rs, rr) * record / rail.bw
+                  unpack  recv * record / unpack
+                  chunks  E * chunk_dispatch_s
+        combine   gather  ns * return_row / gather
+                  reduce  (rr + own) * return_row / reduce_first
+                          + max(0, recv - rr - own) * return_row / reduce_more
+                  rail    max(rs, rr) * partial / rail.bw
+                  accum.  rs * partial / accumulate
+                  chunks  E * chunk_combine_s
 
-    with ``rail_send``/``rail_recv`` the *dispatch* direction's counts. The rail alphas are
-    latency too and count on the path, not on the cores.
+    The rail latency (``C * rail.alpha``, ``C`` = :func:`num_chunks`) counts on the path only.
     """
     own = traffic.own_node_tokens if traffic.own_node_tokens is not None else torch.zeros_like(traffic.recv_rows)
     f64 = lambda t: t.to(torch.float64)  # noqa: E731
+    mv = links.movers
     has_rail = traffic.num_nodes > 1
     C = num_chunks(traffic, chunk_tokens) if has_rail else 0
-    rs, rr = f64(traffic.dispatch_rail_send), f64(traffic.dispatch_rail_recv)
+    rs, rr, own = f64(traffic.dispatch_rail_send), f64(traffic.dispatch_rail_recv), f64(own)
+    recv = f64(traffic.recv_rows)
+    events = f64(chunk_events(traffic, chunk_tokens))
     rec = bpt.dispatch_rail
-    sync = torch.ceil((rr + f64(own)) / max(1, chunk_tokens)) * links.node_alpha
-    rail_lat = torch.full_like(rs, C * links.rail.alpha_s)
     work_d = {
-        "pack": (rs + f64(own)) * rec / links.copy_bw,
+        "pack": (rs + own) * rec / mv.pack,
         "rail": torch.maximum(rs, rr) * rec / links.rail.bw,
-        "unpack": f64(traffic.recv_rows) * rec / links.fresh_bw,
+        "unpack": recv * rec / mv.unpack,
+        "chunks": events * links.chunk_dispatch_s,
     }
-    tokens = torch.tensor(traffic.num_tokens, dtype=torch.float64)
-    pb = bpt.combine_rail
+    rrb, pb = bpt.combine_node, bpt.combine_rail
+    records = rr + own
     work_c = {
-        "node": f64(traffic.recv_rows) * bpt.combine_node / links.copy_bw,
-        # the reducer reads every returned row and writes one partial per record
-        "reduce": f64(traffic.recv_rows) * bpt.combine_node / links.copy_bw + (rr + f64(own)) * pb / links.copy_bw,
+        "gather": f64(traffic.combine_node_send) * rrb / mv.gather,
+        "reduce": records * rrb / mv.reduce_first + torch.clamp(recv - records, min=0) * rrb / mv.reduce_more,
         "rail": torch.maximum(rs, rr) * pb / links.rail.bw,
-        "accumulate": (rs + f64(own)) * pb / links.copy_bw + tokens * hidden * acc_elem_bytes / links.fresh_bw,
+        "accumulate": rs * pb / mv.accumulate,
+        "chunks": events * links.chunk_combine_s,
     }
+    rail_lat = torch.full_like(rs, C * links.rail.alpha_s)
     out: Dict[str, Any] = {"chunks": C}
     for op, work, fixed in (("dispatch", work_d, links.fixed_dispatch), ("combine", work_c, links.fixed_combine)):
         per_rank = sum(work.values())
         cpu_bound = float(per_rank.sum()) / max(1, links.cores)
-        path = per_rank + sync + rail_lat
-        path_bound = float(path.max())
+        path_bound = float((per_rank + rail_lat).max())
         out[op] = fixed + max(cpu_bound, path_bound)
         stages = {k: float(v.sum()) / max(1, links.cores) for k, v in work.items()}
         stages.update(cores_total=cpu_bound, path=path_bound)

@@ -32,8 +32,8 @@ class Buffer:
 
     Args:
         group: the process group of the expert-parallel ranks.
-        num_nvl_bytes: in-node staging budget per rank (0: a 64 MiB default).
-        num_rdma_bytes: rail staging budget per rank (0: a 64 MiB default).
+        num_nvl_bytes: in-node staging budget per rank (0: a 512 MiB default; pages are touched only as far as chunks need).
+        num_rdma_bytes: rail staging budget per rank (0: a 512 MiB default).
         num_ranks_per_node: ranks per node ``L`` (default: ``LOCAL_WORLD_SIZE``, else by host name).
         timeout_s: seconds without progress before a missing peer is reported.
     """

@@ -15,7 +15,7 @@ class Config:
         num_sms: SMs the CUDA kernels may take (even, >= 2). On the CPU backend it bounds the
             worker threads of each rank instead (never more than the cores per rank).
         chunk_tokens: most token records per chunk on either link; ``None`` lets the staging
-            budget decide (capped at 1024).
+            budget decide (capped at 4096).
     """
 
     num_sms: int = 20

@@ -188,27 +188,41 @@ def test_cli_real_routing_file(tmp_path, capsys):
 
 def test_hand_emulated_model_exact():
     """bench.cost_model.predict_emulated (the CPU-backend model checked by the benchmark) by hand."""
-    from bench.cost_model import HostLinks, predict_emulated
+    from bench.cost_model import HostLinks, Movers, chunk_events, predict_emulated
     tr = traffic_counts(HAND, 4, 2)
     assert tr.own_node_tokens.tolist() == [1, 1, 0, 1]
+    assert chunk_events(tr, 1).tolist() == [4, 1, 3, 1]       # own + rail recv + rail send chunks
+    assert chunk_events(tr, 2).tolist() == [3, 1, 2, 1]
     bpt = BytesPerToken(dispatch_rail=100, dispatch_node=100, combine_rail=200, combine_node=50,
                         payload_dispatch=64, payload_combine=32)
-    links = HostLinks(rail=Link(1e-6, 1e8), copy_bw=1e9, fresh_bw=5e8, node_alpha=2e-6,
-                      fixed_dispatch=10e-6, fixed_combine=20e-6)
+    movers = Movers(pack=1e9, unpack=5e8, gather=1e9, reduce_first=5e8, reduce_more=1e9, accumulate=2e9)
+    links = HostLinks(rail=Link(1e-6, 1e8), movers=movers, chunk_dispatch_s=1e-6, chunk_combine_s=2e-6,
+                      fixed_dispatch=10e-6, fixed_combine=20e-6, cores=1)
     p = predict_emulated(links, tr, bpt, hidden=4, acc_elem_bytes=4, chunk_tokens=1)
     assert p["chunks"] == 2
-    # dispatch work per rank (us): pack (rail_send + own) * 0.1 = [.3, .1, .1, .1], rail max(send, recv) * 1
-    # = [2, 0, 2, 0], unpack 2 * 100 B / 5e8 = .4 -> [2.7, .5, 2.5, .5] (sum 6.2 on 1 core);
-    # path of rank 0: 2.7 + sync 2 chunks * 2 + rail latency 2 chunks * 1 = 8.7 > 6.2
-    assert p["dispatch"] * 1e6 == pytest.approx(10 + 8.7, abs=1e-9)
+    # dispatch per rank (us): pack (rail_send + own) * .1 = [.3, .1, .1, .1]; rail max(send, recv) * 1
+    # = [2, 0, 2, 0]; unpack 2 rows * 100 B / 5e8 = .4; chunks [4, 1, 3, 1] * 1
+    # -> [6.7, 1.5, 5.5, 1.5], 15.2 on 1 core; rank 0's path 6.7 + 2 chunks * 1 us rail latency = 8.7
+    assert p["dispatch"] * 1e6 == pytest.approx(10 + 15.2, abs=1e-9)
     assert p["dispatch_stages"]["rail"] * 1e6 == pytest.approx(4.0, abs=1e-9)
-    assert p["dispatch_stages"]["cores_total"] * 1e6 == pytest.approx(6.2, abs=1e-9)
-    # combine rank 0: node .1, reduce 2 rows * 50 B read + 2 * .2, rail 2 * 2, accumulate 3 * .2
-    # + 3 * 16 B / 5e8 = .696 -> 5.296; path 5.296 + 4 + 2 = 11.296 < all ranks' work 11.392
-    assert p["combine"] * 1e6 == pytest.approx(20 + 11.392, abs=1e-9)
-    assert p["combine_stages"]["cores_total"] * 1e6 == pytest.approx(11.392, abs=1e-9)
-    # without latencies the cores bound: 1 core -> all work 6.2; 2 cores -> max(3.1, rank 0's 2.7)
-    fast = HostLinks(rail=Link(0.0, 1e8), copy_bw=1e9, fresh_bw=5e8, fixed_dispatch=10e-6, cores=1)
-    assert predict_emulated(fast, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(16.2, abs=1e-9)
-    fast2 = HostLinks(rail=Link(0.0, 1e8), copy_bw=1e9, fresh_bw=5e8, fixed_dispatch=10e-6, cores=2)
-    assert predict_emulated(fast2, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(13.1, abs=1e-9)
+    assert p["dispatch_stages"]["path"] * 1e6 == pytest.approx(8.7, abs=1e-9)
+    # combine per rank: gather returned rows [1, 2, 0, 1] * .05; reduce records [2, 1, 2, 1] * .1 plus
+    # further rows [0, 1, 0, 1] * .05; rail [2, 0, 2, 0] * 2; accumulate rail_send [2, 0, 1, 0] * .1;
+    # chunks [4, 1, 3, 1] * 2 -> [12.45, 2.25, 10.3, 2.2], 27.2 in all
+    assert p["combine"] * 1e6 == pytest.approx(20 + 27.2, abs=1e-9)
+    assert p["combine_stages"]["cores_total"] * 1e6 == pytest.approx(27.2, abs=1e-9)
+    assert p["combine_stages"]["chunks"] * 1e6 == pytest.approx(18.0, abs=1e-9)
+    # two cores: the cores bound falls to 7.6, below rank 0's path of 8.7
+    two = HostLinks(rail=Link(1e-6, 1e8), movers=movers, chunk_dispatch_s=1e-6, fixed_dispatch=10e-6, cores=2)
+    assert predict_emulated(two, tr, bpt, 4, 4, 1)["dispatch"] * 1e6 == pytest.approx(10 + 8.7, abs=1e-9)
+
+
+def test_mover_calibration_is_well_formed():
+    """bench.calibrate measures every mover the emulated model needs, with positive speeds."""
+    from bench.calibrate import mover_speeds
+    from bench.cost_model import Movers
+    speeds = mover_speeds(hidden=256, topk=4, ranks_per_node=2, dtype="bf16", chunk_records=64, num_tokens=128,
+                          reps=1, working_set_bytes=1 << 20)
+    movers = Movers(**speeds)
+    assert all(v > 0 for v in speeds.values())
+    assert movers.pack == speeds["pack"]

@@ -17,10 +17,10 @@ from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
 from .rail_link import RailLink
 
-DEFAULT_NVL_BYTES = 64 << 20
-DEFAULT_RDMA_BYTES = 64 << 20
+DEFAULT_NVL_BYTES = 512 << 20
+DEFAULT_RDMA_BYTES = 512 << 20
 # Large chunks: each chunk costs a hand-off between processes and a pass of the Python loop.
-MAX_CHUNK_RECORDS = 1024
+MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4}
@@ -32,8 +32,8 @@ class HostBackend:
     Args:
         group: the buffer's process group.
         topo: this rank's topology.
-        num_nvl_bytes: shared-memory staging per rank (0 = 64 MiB).
-        num_rdma_bytes: rail staging per rank (0 = 64 MiB).
+        num_nvl_bytes: shared-memory staging per rank (0 = 512 MiB).
+        num_rdma_bytes: rail staging per rank (0 = 512 MiB).
         timeout_s: seconds without progress before a peer is declared missing.
     """
 
