@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import (DTYPES, FP8_BLOCK, bytes_per_token, combine_dtype, gen_topk_idx, launch,
-                          time_stats, traffic_counts, under_torchrun)
+                          median_seconds, time_stats, traffic_counts, under_torchrun)
 
 OPS = ("dispatch", "combine")
 
@@ -94,13 +94,7 @@ def calibrate_links(rank: int, world: int, L: int, cfg: Dict[str, Any], chunk_re
             def step() -> None:
                 for work in [dist.isend(send, peer), dist.irecv(recv, peer)]:
                     work.wait()
-            step()
-            samples = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - t0)
-            res.append(sorted(samples)[len(samples) // 2])
+            res.append(median_seconds(step, reps))
         return res
 
     dist.barrier()

@@ -24,21 +24,14 @@ from typing import Callable, Dict
 
 import torch
 
-from bench.common import DTYPES, combine_dtype
+from bench.common import DTYPES, combine_dtype, median_seconds
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4}
 
 
 def _cpu_seconds(fn: Callable[[], None], reps: int) -> float:
     """Median thread CPU seconds of ``fn`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.thread_time()
-        fn()
-        samples.append(time.thread_time() - start)
-    samples.sort()
-    return max(samples[len(samples) // 2], 1e-9)
+    return max(median_seconds(fn, reps, time.thread_time), 1e-9)
 
 
 def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_records: int,

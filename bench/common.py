@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -294,6 +295,18 @@ def time_stats(seconds: Sequence[float]) -> Dict[str, float]:
     us = [s * 1e6 for s in seconds]
     return {"median_us": percentile(us, 0.5), "p10_us": percentile(us, 0.1),
             "p90_us": percentile(us, 0.9), "min_us": min(us), "max_us": max(us), "n": len(us)}
+
+
+def median_seconds(fn: Callable[[], Any], reps: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median of ``reps`` timings of ``fn`` on ``clock`` (wall time, or ``time.thread_time`` for
+    CPU time), after one untimed warm-up call."""
+    fn()
+    samples = []
+    for _ in range(max(1, reps)):
+        start = clock()
+        fn()
+        samples.append(clock() - start)
+    return sorted(samples)[len(samples) // 2]
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -9,58 +9,49 @@ import os
 import threading
 import time
 
+import pytest
+
 from dispatch import _C
 
 _BELL_BYTES = 64
 
 
-def _segment(tag: str) -> "_C.SharedMemorySegment":
-    segment = _C.SharedMemorySegment(f"/dispatch-test-bell-{tag}-{os.getpid()}", 4096, True)
-    return segment
+@pytest.fixture
+def segment(request):
+    """A fresh shared-memory segment (zeroed: every bell starts at 0 rings), removed afterwards."""
+    seg = _C.SharedMemorySegment(f"/dispatch-test-bell-{request.node.name[:40]}-{os.getpid()}", 4096, True)
+    yield seg
+    seg.unlink()
+    seg.close()
 
 
-def test_wait_returns_at_once_after_a_ring_it_has_not_seen():
-    segment = _segment("seen")
-    try:
-        bell = segment.address
-        seen = _C.doorbell_rings(bell)
-        _C.doorbell_ring(bell)  # a ring between reading the count and waiting
-        start = time.monotonic()
-        assert _C.doorbell_wait(bell, seen, 5.0) is True
-        assert time.monotonic() - start < 1.0
-        assert _C.doorbell_rings(bell) == seen + 1
-    finally:
-        segment.unlink()
-        segment.close()
+def test_wait_returns_at_once_after_a_ring_it_has_not_seen(segment):
+    bell = segment.address
+    seen = _C.doorbell_rings(bell)
+    _C.doorbell_ring(bell)  # a ring between reading the count and waiting
+    start = time.monotonic()
+    assert _C.doorbell_wait(bell, seen, 5.0) is True
+    assert time.monotonic() - start < 1.0
+    assert _C.doorbell_rings(bell) == seen + 1
 
 
-def test_wait_without_a_ring_times_out():
-    segment = _segment("timeout")
-    try:
-        bell = segment.address
-        seen = _C.doorbell_rings(bell)
-        start = time.monotonic()
-        assert _C.doorbell_wait(bell, seen, 0.05) is False
-        assert time.monotonic() - start >= 0.04
-    finally:
-        segment.unlink()
-        segment.close()
+def test_wait_without_a_ring_times_out(segment):
+    bell = segment.address
+    seen = _C.doorbell_rings(bell)
+    start = time.monotonic()
+    assert _C.doorbell_wait(bell, seen, 0.05) is False
+    assert time.monotonic() - start >= 0.04
 
 
-def test_ring_from_a_thread_wakes_the_sleeper_early():
-    segment = _segment("thread")
-    try:
-        bell = segment.address
-        seen = _C.doorbell_rings(bell)
-        timer = threading.Timer(0.05, _C.doorbell_ring, args=(bell,))
-        start = time.monotonic()
-        timer.start()
-        assert _C.doorbell_wait(bell, seen, 10.0) is True
-        assert time.monotonic() - start < 5.0
-        timer.join()
-    finally:
-        segment.unlink()
-        segment.close()
+def test_ring_from_a_thread_wakes_the_sleeper_early(segment):
+    bell = segment.address
+    seen = _C.doorbell_rings(bell)
+    timer = threading.Timer(0.05, _C.doorbell_ring, args=(bell,))
+    start = time.monotonic()
+    timer.start()
+    assert _C.doorbell_wait(bell, seen, 10.0) is True
+    assert time.monotonic() - start < 5.0
+    timer.join()
 
 
 def _ring_later(name: str, delay_s: float) -> None:
@@ -71,20 +62,14 @@ def _ring_later(name: str, delay_s: float) -> None:
     segment.close()
 
 
-def test_ring_from_another_process_wakes_only_its_bell():
-    segment = _segment("proc")
-    try:
-        first, second = segment.address, segment.address + _BELL_BYTES
-        seen_first, seen_second = _C.doorbell_rings(first), _C.doorbell_rings(second)
-        ctx = mp.get_context("spawn")
-        peer = ctx.Process(target=_ring_later, args=(segment.name, 0.2))
-        peer.start()
-        start = time.monotonic()
-        assert _C.doorbell_wait(second, seen_second, 30.0) is True
-        assert time.monotonic() - start < 25.0
-        peer.join(timeout=30)
-        assert peer.exitcode == 0
-        assert _C.doorbell_rings(first) == seen_first
-    finally:
-        segment.unlink()
-        segment.close()
+def test_ring_from_another_process_wakes_only_its_bell(segment):
+    first, second = segment.address, segment.address + _BELL_BYTES
+    seen_first, seen_second = _C.doorbell_rings(first), _C.doorbell_rings(second)
+    peer = mp.get_context("spawn").Process(target=_ring_later, args=(segment.name, 0.2))
+    peer.start()
+    start = time.monotonic()
+    assert _C.doorbell_wait(second, seen_second, 30.0) is True
+    assert time.monotonic() - start < 25.0
+    peer.join(timeout=30)
+    assert peer.exitcode == 0
+    assert _C.doorbell_rings(first) == seen_first
