@@ -12,8 +12,13 @@ under 20 us). Exits cleanly with a message when there is no GPU. Records nothing
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+
+# before CUDA starts: see dispatch/testing.py (eager kernel loading, one hardware queue per stream)
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 
 def main(argv=None) -> int:
@@ -63,6 +68,7 @@ def main(argv=None) -> int:
     # --- dispatch / combine sweep ---------------------------------------------------------------
     L, T, H, k, E = args.ranks, args.tokens, args.hidden, args.topk, args.experts
     max_sms = args.max_sms or max(2, (props.multi_processor_count // L) // 2 * 2)
+    max_sms = min(max_sms, 2 * _cuda.MAX_CHANNELS)  # num_sms / 2 channels, at most MAX_CHANNELS
     xs = [torch.randn(T, H, device="cuda").to(torch.bfloat16) for _ in range(L)]
     idxs = [torch.rand(T, E, device="cuda").topk(k, dim=1).indices for _ in range(L)]
     with Loopback(L, num_nvl_bytes=256 << 20, timeout_s=30.0) as lb:

@@ -11,14 +11,28 @@ same barriers) run concurrently and talk through peer pointers that all point in
 Every call is collective: ``run`` calls ``fn`` on every rank at once. All virtual ranks'
 kernels must be resident together: keep ``L * num_sms`` (blocks of 512 threads) within what the
 GPU holds (about 2 blocks per SM), or the waits time out (they never hang).
+
+Two driver settings matter and must be in the environment before CUDA is initialised (this
+module sets them as defaults at import, which is too late once the process touched the GPU;
+``scripts/test_gpu.sh`` exports them):
+
+* ``CUDA_MODULE_LOADING=EAGER``: a lazily loaded kernel's first launch waits for the whole GPU
+  to drain while holding the context lock, so one virtual rank launching a kernel for the first
+  time while another rank's kernel spins waiting for it stalls both until the timeout.
+* ``CUDA_DEVICE_MAX_CONNECTIONS=32``: streams beyond the default 8 hardware queues share one,
+  and a kernel queued behind another rank's dependent work cannot start (false dependency).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, List, Optional
 
 import torch
+
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 
 class LoopbackComm:

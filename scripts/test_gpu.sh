@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+# The loopback runs L virtual ranks whose kernels wait on each other (dispatch/testing.py):
+# load every kernel up front and give every stream its own hardware queue.
+export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 "$PYTHON" -m pip install --no-build-isolation -e . -q
 "$PYTHON" -c "import dispatch._cuda" || { echo "dispatch._cuda did not build (see the pip warnings above)"; exit 1; }
 "$PYTHON" -m pytest -q -rs tests/test_cuda_*.py "$@"

@@ -4,8 +4,16 @@ dispatch bit-identical, combine bit-identical too (same fixed fp32 order)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Before CUDA is initialised (see dispatch/testing.py): every kernel loaded up front (a lazy load
+# waits for the GPU to drain while another virtual rank's kernel spins) and one hardware queue per
+# stream (streams sharing a queue serialise, and the virtual ranks' kernels must run together).
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from dispatch.reference import reference_combine, reference_dispatch, reference_layout
 
@@ -115,7 +123,7 @@ def test_dispatch_combine_matches_reference(L, E, k, H, dtype, num_sms, nvl):
         ref = reference_dispatch(xs, idxs, ws, E, L, d, expert_alignment=4)
         got = res[d]
         assert _equal(got["recv_x"], ref["recv_x"])
-        assert torch.equal(got["recv_idx"], ref["recv_idx"])
+        assert torch.equal(got["recv_idx"], ref["recv_topk_idx"])
         assert torch.equal(got["recv_w"], ref["recv_topk_weights"])
         assert got["per_expert"] == ref["num_recv_tokens_per_expert_list"]
         assert torch.equal(got["src_rank"].long(), ref["recv_src_rank"])
@@ -193,7 +201,7 @@ def test_worst_tokens_cuda_graph_and_async():
         eager, captured, async_x = res[d]
         assert eager[0].shape[0] == W
         assert torch.equal(eager[0][:n], ref["recv_x"]) and not eager[0][n:].any()
-        assert torch.equal(eager[1][:n], ref["recv_idx"]) and (eager[1][n:] == -1).all()
+        assert torch.equal(eager[1][:n], ref["recv_topk_idx"]) and (eager[1][n:] == -1).all()
         for a, b in zip(eager, captured):
             assert torch.equal(a, b)
         assert torch.equal(async_x, ref["recv_x"])

@@ -28,6 +28,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("MAX_LOCAL_EXPERTS") = kMaxLocalExperts;
   m.attr("HEADER_BYTES") = kHeaderBytes;
   m.def("device_count", &device_count);
+  m.def("preload_kernels", &preload_kernels);
 
   py::class_<DeviceAllocation>(m, "DeviceAllocation")
       .def(py::init<int64_t>(), py::arg("size_bytes"))

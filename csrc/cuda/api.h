@@ -59,6 +59,7 @@ class MappedHostMemory {
 };
 
 int device_count();  // 0 when there is no driver or no device (never throws)
+void preload_kernels();  // loads every kernel of the module now (see kernels.cu)
 
 struct Peers {
   uint64_t ptr[kMaxPeers];

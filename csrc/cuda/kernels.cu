@@ -171,6 +171,23 @@ __device__ __forceinline__ void store_as(void* base, int dtype, int64_t i, AccT 
 
 __host__ __device__ __forceinline__ int dtype_bytes(int dtype) { return dtype == 3 ? 8 : (dtype == 0 ? 4 : 2); }
 
+// The weights of a combine return row start right after the x row (ReturnRowLayout), which is
+// only 2-byte aligned for 16-bit dtypes with an odd hidden size: float access byte by byte there.
+__device__ __forceinline__ void store_f32(uint8_t* p, float value) {
+  if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) {
+    *reinterpret_cast<float*>(p) = value;
+    return;
+  }
+  const uint32_t bits = __float_as_uint(value);
+  for (int b = 0; b < 4; ++b) p[b] = static_cast<uint8_t>(bits >> (8 * b));
+}
+__device__ __forceinline__ float load_f32_cg(const uint8_t* p) {
+  if ((reinterpret_cast<uintptr_t>(p) & 3) == 0) return __ldcg(reinterpret_cast<const float*>(p));
+  uint32_t bits = 0;
+  for (int b = 0; b < 4; ++b) bits |= static_cast<uint32_t>(__ldcg(p + b)) << (8 * b);
+  return __uint_as_float(bits);
+}
+
 // ---- layout -----------------------------------------------------------------------------------
 // Same rules as compute_layout (layout.h): route_token per token, an expert repeated in a row
 // counts once. Block-local counters in shared memory, then one atomicAdd per counter.
@@ -480,7 +497,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
       if (!__shfl_sync(0xffffffffu, good, 0)) return;
       uint8_t* dst = ring + static_cast<int64_t>(i % slots) * row_bytes;
       warp_copy(dst, x + row * x_bytes, x_bytes, lane);
-      if (lane < k) reinterpret_cast<float*>(dst + rl.weights_offset())[lane] = weights[row * k + lane];
+      if (lane < k) store_f32(dst + rl.weights_offset() + 4 * lane, weights[row * k + lane]);
       __syncwarp();
       if (lane == 0) {
         __threadfence_system();
@@ -525,7 +542,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
         for (int q = 0; q < n; ++q) {
           const int j = contrib[q];
           const uint8_t* slot = ring_of(own, c, j, L, slots, row_bytes) + static_cast<int64_t>(consumed[j] % slots) * row_bytes;
-          acc += __ldcg(reinterpret_cast<const float*>(slot + rl.weights_offset()) + col);
+          acc += load_f32_cg(slot + rl.weights_offset() + 4 * col);
         }
         reinterpret_cast<float*>(a.out_weights)[t * k + col] = acc;
       }
@@ -554,7 +571,10 @@ void check_node(int L, int C) {
 // ---- RAII resources ----------------------------------------------------------------------------
 DeviceAllocation::DeviceAllocation(int64_t bytes) : bytes_(bytes) {
   DISPATCH_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
-  const cudaError_t status = cudaMemset(ptr_, 0, static_cast<size_t>(bytes));
+  // cudaMemset runs on the legacy stream, which the (non-blocking) streams of the kernels do not
+  // wait for: finish it here so that the first notify reads zeroed counters.
+  cudaError_t status = cudaMemset(ptr_, 0, static_cast<size_t>(bytes));
+  if (status == cudaSuccess) status = cudaStreamSynchronize(0);
   if (status != cudaSuccess) {
     cudaFree(ptr_);
     DISPATCH_CUDA_CHECK(status);
@@ -599,6 +619,19 @@ int device_count() {
     return 0;
   }
   return n;
+}
+
+// Loads every kernel now. Under lazy module loading (the CUDA default) a kernel's first launch
+// waits for the device to drain while holding the context lock: a first launch while a peer's
+// kernel spins waiting for this rank would stall both until the timeout.
+void preload_kernels() {
+  cudaFuncAttributes attr;
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, layout_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, channel_counts_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, notify_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, dispatch_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<float>));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, combine_kernel<double>));
 }
 
 // ---- launchers ---------------------------------------------------------------------------------

@@ -136,7 +136,10 @@ class CudaBackend:
         self._stats_thunk = None
         L = topo.num_ranks_per_node
         with torch.cuda.device(device):
-            self.staging = mod.DeviceAllocation(max(num_nvl_bytes or DEFAULT_NVL_BYTES, mod.HEADER_BYTES + (1 << 20)))
+            # load the kernels before any can spin (lazy loading drains the device, see kernels.cu)
+            mod.preload_kernels()
+            # at least 64 KiB of rings: small budgets are allowed (tests make the rings wrap)
+            self.staging = mod.DeviceAllocation(max(num_nvl_bytes or DEFAULT_NVL_BYTES, mod.HEADER_BYTES + (64 << 10)))
             self.host_out = mod.MappedHostMemory(4 * (1 + L + mod.MAX_LOCAL_EXPERTS))
             self.error = mod.MappedHostMemory(16)
             self.stream = torch.cuda.Stream(device)
