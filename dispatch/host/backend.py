@@ -63,13 +63,15 @@ class HostBackend:
                error: Optional[BaseException]) -> torch.Tensor:
         """Runs the per-call handshake; raises on every rank if any rank's arguments were bad."""
         self._seq += 1
-        row = torch.zeros(nt.notify_words(self.topo.num_ranks, self.topo.num_nodes), dtype=torch.int64)
-        row[nt.SEQ] = self._seq
-        row[nt.OP] = op
-        row[nt.STATUS] = nt.STATUS_BAD_ARGS if error is not None else nt.STATUS_OK
-        row[nt.MISSING] = -1
+        words = [0] * nt.HEADER_WORDS
+        words[nt.SEQ] = self._seq
+        words[nt.OP] = op
+        words[nt.STATUS] = nt.STATUS_BAD_ARGS if error is not None else nt.STATUS_OK
+        words[nt.MISSING] = -1
         for word, value in header.items():
-            row[word] = value
+            words[word] = int(value)
+        row = torch.zeros(nt.notify_words(self.topo.num_ranks, self.topo.num_nodes), dtype=torch.int64)
+        row[:nt.HEADER_WORDS] = torch.tensor(words, dtype=torch.int64)
         if payload is not None and error is None:
             row[nt.HEADER_WORDS:nt.HEADER_WORDS + payload.numel()] = payload
         matrix = nt.exchange(self.node, self.rail, row, self.timeout_s, nt.OP_NAMES[op])
@@ -100,9 +102,8 @@ class HostBackend:
                       nt.NUM_EXPERTS: num_experts, nt.NUM_TOKENS: num_tokens,
                       nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens}
         matrix = self.notify(OP_DISPATCH, header, payload, error)
-        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
-                           (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns")):
-            nt.check_same(matrix, word, name)
+        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
+                               (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns")))
         h0 = nt.HEADER_WORDS
         rank_counts = matrix[:, h0:h0 + R]
         node_counts_all = matrix[:, h0 + R:h0 + R + N]
@@ -166,8 +167,7 @@ class HostBackend:
             header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
                       nt.SCALE_COLS: scales.shape[1] if scales is not None else 0}
         matrix = self.notify(OP_CACHED_DISPATCH, header, None, error)
-        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.SCALE_COLS, "FP8 scale columns")):
-            nt.check_same(matrix, word, name)
+        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.SCALE_COLS, "FP8 scale columns")))
         topo = self.topo
         hidden = x.shape[1]
         record = _C.RecordLayout(topo.num_ranks_per_node, 0, hidden * x.element_size(),
@@ -209,8 +209,7 @@ class HostBackend:
             header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
                       nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0}
         matrix = self.notify(OP_COMBINE, header, None, error)
-        for word, name in ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width")):
-            nt.check_same(matrix, word, name)
+        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width")))
         topo = self.topo
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0

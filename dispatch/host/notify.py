@@ -8,7 +8,7 @@ so metadata crosses the slow link once per node pair, like the data.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,9 +72,9 @@ def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float
 
 
 def _raise_if_poisoned(matrix: torch.Tensor, what: str, timeout_s: float) -> None:
-    missing = (matrix[:, STATUS] == STATUS_MISSING_PEER).nonzero().flatten().tolist()
-    if missing:
-        raise PeerTimeoutError(int(matrix[missing[0], MISSING]), f"did not take part in {what}", timeout_s)
+    for row in matrix[:, :HEADER_WORDS].tolist():
+        if row[STATUS] == STATUS_MISSING_PEER:
+            raise PeerTimeoutError(int(row[MISSING]), f"did not take part in {what}", timeout_s)
 
 
 def _send_block_best_effort(rail: RailLink, block: torch.Tensor) -> None:
@@ -91,24 +91,31 @@ def _send_block_best_effort(rail: RailLink, block: torch.Tensor) -> None:
 
 def check_agreement(matrix: torch.Tensor, op: int, my_error: Optional[BaseException]) -> None:
     """Raises on every rank when ranks disagree on the call or one rejected its arguments."""
-    ops = matrix[:, OP]
-    seqs = matrix[:, SEQ]
-    for rank in range(matrix.shape[0]):
-        if int(ops[rank]) != op or int(seqs[rank]) != int(seqs[0]):
+    # Plain Python over the header words: a handful of small torch ops per check would cost more.
+    header = matrix[:, :HEADER_WORDS].tolist()
+    seq0 = header[0][SEQ]
+    for rank, row in enumerate(header):
+        if row[OP] != op or row[SEQ] != seq0:
             raise RuntimeError(
-                f"rank {rank} is in {OP_NAMES.get(int(ops[rank]), 'another call')} #{int(seqs[rank])} while this "
-                f"rank is in {OP_NAMES[op]} #{int(seqs[0])}: every rank must make the same calls in the same order")
+                f"rank {rank} is in {OP_NAMES.get(row[OP], 'another call')} #{row[SEQ]} while this "
+                f"rank is in {OP_NAMES[op]} #{seq0}: every rank must make the same calls in the same order")
     if my_error is not None:
         raise my_error
-    bad = (matrix[:, STATUS] == STATUS_BAD_ARGS).nonzero().flatten().tolist()
+    bad = [rank for rank, row in enumerate(header) if row[STATUS] == STATUS_BAD_ARGS]
     if bad:
         raise ValueError(f"{OP_NAMES[op]}: rank {bad[0]} rejected its arguments (see its error); nothing was sent")
 
 
-def check_same(matrix: torch.Tensor, word: int, name: str) -> None:
-    """Raises ``ValueError`` naming ``name`` when header ``word`` differs across ranks."""
-    values = matrix[:, word]
-    diff = (values != values[0]).nonzero().flatten().tolist()
-    if diff:
-        raise ValueError(f"{name} differs across ranks: rank 0 has {int(values[0])}, rank {diff[0]} has "
-                         f"{int(values[diff[0]])}")
+def check_same(matrix: torch.Tensor, fields: Sequence[Tuple[int, str]]) -> None:
+    """Raises ``ValueError`` naming the field when a header word differs across ranks.
+
+    Args:
+        matrix: the gathered notify rows.
+        fields: ``(header word, name)`` pairs that must agree.
+    """
+    header = matrix[:, :HEADER_WORDS].tolist()
+    for word, name in fields:
+        first = header[0][word]
+        for rank, row in enumerate(header):
+            if row[word] != first:
+                raise ValueError(f"{name} differs across ranks: rank 0 has {first}, rank {rank} has {row[word]}")
