@@ -176,7 +176,8 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
             pbar.update(1)
 
     buf = Buffer(group, cfg.get("num_nvl_bytes", 0), cfg.get("num_rdma_bytes", 0), num_ranks_per_node=L)
-    config = Config(num_sms=cfg["num_sms"], chunk_tokens=cfg.get("chunk_tokens"))
+    config = Config(num_sms=cfg["num_sms"], chunk_tokens=cfg.get("chunk_tokens"),
+                    round_rail_partials=bool(cfg.get("round_rail_partials")))
     topk_idx, topk_weights, x = make_inputs(rank, cfg)
     E = cfg["experts"]
 
@@ -317,7 +318,8 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
 def summarize(cfg: Dict[str, Any], allr: List[Dict[str, Any]], idx_all: List[torch.Tensor]) -> Dict[str, Any]:
     R, L = cfg["world_size"], cfg["ranks_per_node"]
     traffic = traffic_counts(idx_all, cfg["experts"], L)
-    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L)
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L,
+                          round_rail_partials=bool(cfg.get("round_rail_partials")))
     result: Dict[str, Any] = {"config": {k: v for k, v in cfg.items() if k != "progress"},
                               "num_nodes": R // L, "ops": {}}
     mismatches = []
@@ -373,7 +375,8 @@ def model_check(cfg: Dict[str, Any], allr: List[Dict[str, Any]], traffic, result
     from bench.common import acc_bytes, percentile
     # the records per chunk the backend chose (its handle says), else what was asked for
     chunk = allr[0].get("chunk_records") or cfg.get("chunk_tokens") or 256
-    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], cfg["ranks_per_node"])
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], cfg["ranks_per_node"],
+                          round_rail_partials=bool(cfg.get("round_rail_partials")))
     acc = acc_bytes(combine_dtype(cfg["dtype"]))
     # CPU seconds per chunk event: the tiny-row runs at two chunk sizes differ only in chunks
     runs = allr[0]["chunk_runs"]
@@ -478,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--num-sms", type=int, default=20, help="SM budget (CPU backend: thread budget)")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="records per chunk (default: backend's)")
+    ap.add_argument("--round-rail-partials", action="store_true",
+                    help="Config(round_rail_partials=True): combine partials cross the rail in x's 16-bit dtype")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -492,7 +497,7 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     cfg = {"ranks_per_node": args.ranks_per_node, "tokens": args.tokens, "hidden": args.hidden,
            "topk": args.topk, "experts": args.experts, "node_limit": args.node_limit or None,
            "dtype": args.dtype, "num_sms": args.num_sms, "chunk_tokens": args.chunk_tokens,
-           "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
+           "round_rail_partials": args.round_rail_partials, "iters": args.iters, "warmup": args.warmup, "seed": args.seed,
            "model_check": args.model_check, "progress": not args.no_progress}
     world = args.nodes * args.ranks_per_node
     results = launch(run_rank, world, cfg)

@@ -87,7 +87,9 @@ class BytesPerToken:
 
 
 def bytes_per_token(hidden: int, topk: int, dtype: str, ranks_per_node: int,
-                    with_topk: bool = True) -> BytesPerToken:
+                    with_topk: bool = True, round_rail_partials: bool = False) -> BytesPerToken:
+    """Bytes of one token copy per link and op; ``round_rail_partials``: combine partials cross the
+    rail in the combine dtype when it is 16-bit (``Config.round_rail_partials``)."""
     k = topk if with_topk else 0
     hb = hidden * elem_bytes(dtype)
     sb = scale_bytes(dtype, hidden)
@@ -96,7 +98,7 @@ def bytes_per_token(hidden: int, topk: int, dtype: str, ranks_per_node: int,
     chb = hidden * elem_bytes(cdt)
     return BytesPerToken(
         dispatch_rail=rec, dispatch_node=rec,
-        combine_rail=partial_row_bytes(hidden, acc_bytes(cdt), k),
+        combine_rail=partial_row_bytes(hidden, 2 if round_rail_partials and elem_bytes(cdt) == 2 else acc_bytes(cdt), k),
         combine_node=return_row_bytes(chb, k),
         payload_dispatch=hb + sb, payload_combine=chb)
 

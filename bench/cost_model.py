@@ -292,7 +292,7 @@ def load_routing(path: str) -> List[torch.Tensor]:
 
 def sweep(spec: ClusterSpec, nodes: Sequence[int], tokens: int, hidden: int, topk: int,
           experts: int, dtype: str, node_limit: Optional[int], seed: int = 0,
-          progress: bool = False) -> List[Dict[str, Any]]:
+          progress: bool = False, round_rail_partials: bool = False) -> List[Dict[str, Any]]:
     rows = []
     it = nodes
     if progress:
@@ -307,7 +307,7 @@ def sweep(spec: ClusterSpec, nodes: Sequence[int], tokens: int, hidden: int, top
         routing = gen_routing(tokens, E, topk, R, spec.ranks_per_node,
                               node_limit if node_limit and node_limit < n else None, seed)
         tr = traffic_counts(routing, E, spec.ranks_per_node)
-        bpt = bytes_per_token(hidden, topk, dtype, spec.ranks_per_node)
+        bpt = bytes_per_token(hidden, topk, dtype, spec.ranks_per_node, round_rail_partials=round_rail_partials)
         p = predict(spec, tr, bpt)
         rows.append({"nodes": n, "ranks": R, "experts": E, **{
             f"{m}_{op}_us": p[m][op] * 1e6 for m in p for op in ("dispatch", "combine")},
@@ -381,6 +381,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--max-ranks", type=int, default=512,
                     help="skip node counts with more ranks than this (generation cost)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--round-rail-partials", action="store_true",
+                    help="two-hop combine partials on the rail in the 16-bit combine dtype (Config.round_rail_partials)")
     ap.add_argument("--plot", default=None, help="PNG path for time vs node count")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     args = ap.parse_args(argv)
@@ -401,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         L = args.ranks_per_node or specs[0][1].ranks_per_node
         E = args.experts
         tr = traffic_counts(routing, E, L)
-        bpt = bytes_per_token(args.hidden, int(routing[0].shape[1]), args.dtype, L)
+        bpt = bytes_per_token(args.hidden, int(routing[0].shape[1]), args.dtype, L,
+                              round_rail_partials=args.round_rail_partials)
         out = {}
         for name, spec in specs:
             if spec.ranks_per_node != L:
@@ -424,10 +427,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"({spec.name}: skipping node counts above {args.max_ranks} ranks; see --max-ranks)",
                   file=sys.stderr)
         rows = sweep(spec, nodes_here, args.tokens, args.hidden, args.topk, args.experts, args.dtype,
-                     args.node_limit or None, args.seed, progress=True)
+                     args.node_limit or None, args.seed, progress=True,
+                     round_rail_partials=args.round_rail_partials)
         results[spec.name] = rows
         print(f"\n{spec.name}  (T={args.tokens}/rank, H={args.hidden}, k={args.topk}, "
-              f"{args.dtype}, node limit {args.node_limit or 'none'}, chunk {spec.chunk_tokens} tokens)")
+              f"{args.dtype}, node limit {args.node_limit or 'none'}, chunk {spec.chunk_tokens} tokens"
+              + (", combine partials rounded on the rail)" if args.round_rail_partials else ")"))
         print(format_rows(rows))
     if args.plot:
         plot_sweeps(results, args.plot, f"predicted time per call, T={args.tokens} tokens/rank, "

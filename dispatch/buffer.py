@@ -279,7 +279,8 @@ class Buffer:
             handle: the handle of the dispatch being reversed.
             topk_weights: ``[n, k]`` float32, combined the same way.
             bias: None, a ``[T, H]`` tensor or a pair of them, added to the result.
-            config: SM (CPU: thread) budget.
+            config: SM (CPU: thread) budget; ``round_rail_partials`` trades the exact sum for
+                half the rail bytes.
 
         Returns:
             combined_x: ``[T, H]`` in ``x.dtype``.
@@ -307,7 +308,8 @@ class Buffer:
                     "bias", b, V.FLOAT_DTYPES, 2, handle.num_tokens, x.shape[1]).contiguous() for b in pair)
         except (ValueError, TypeError) as exc:
             error = exc
-        combined, combined_weights = backend.combine(x, handle, topk_weights, biases, threads, error)
+        round_partials = bool(config is not None and config.round_rail_partials)
+        combined, combined_weights = backend.combine(x, handle, topk_weights, biases, threads, error, round_partials)
         return combined, combined_weights, EventOverlap()
 
     # --- counters -------------------------------------------------------------------------------

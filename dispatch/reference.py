@@ -249,6 +249,7 @@ def reference_combine(
     rank: int,
     num_tokens: int,
     bias: Optional[Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    round_rail_partials: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """What ``combine`` returns on source rank ``rank``: the exact accumulation loop.
 
@@ -260,6 +261,8 @@ def reference_combine(
             part = 0
             for local j ascending with rank (m, j) having received t:
                 part += acc_t(row of rank (m, j) for (rank, t))
+            if round_rail_partials and m is not the own node and x is bfloat16/float16:
+                part = acc_t(part cast to x.dtype)     # the rail carries it rounded
             acc += part
         acc += acc_t(bias)            # a pair: acc += acc_t(bias[0]); acc += acc_t(bias[1])
         out[t] = acc cast to x.dtype
@@ -280,6 +283,7 @@ def reference_combine(
         rank: the source rank whose tokens are combined.
         num_tokens: ``T`` of that rank.
         bias: ``[T, H]`` tensor or a pair of them, added after the sum; or ``None``.
+        round_rail_partials: ``Config.round_rail_partials`` (weights stay float32).
 
     Returns:
         combined_x: ``[T, H]`` in the dtype of ``recv_xs``.
@@ -321,6 +325,8 @@ def reference_combine(
             if with_weights:
                 part_w[tokens] = part_w[tokens] + recv_topk_weights_list[d][rows].to(torch.float32)
         tokens = received.nonzero().flatten()  # "if no rank of node m received t: continue"
+        if round_rail_partials and m != own_node and dtype in (torch.bfloat16, torch.float16):
+            part = part.to(dtype).to(acc_dtype)
         acc[tokens] = acc[tokens] + part[tokens]
         if with_weights:
             acc_w[tokens] = acc_w[tokens] + part_w[tokens]

@@ -312,13 +312,25 @@ def run_case(buf: Any, rank: int, R: int, L: int, spec: Dict[str, Any], seed: in
         y_w = None if y_w is None else torch.cat([y_w, torch.full((W - n, y_w.shape[1]), 1e30)])
     bias = make_bias(spec, seed, rank, T)
     combined, combined_w, _event = buf.combine(y, handle, topk_weights=y_w, bias=bias, config=config)
+    rounded = bool(config is not None and config.round_rail_partials)
     want_c, want_cw = reference_combine(
         ys, [r["recv_topk_weights"] for r in refs] if with_weights else None,
-        [r["recv_src_rank"] for r in refs], [r["recv_src_token"] for r in refs], L, rank, T, bias=bias)
+        [r["recv_src_rank"] for r in refs], [r["recv_src_token"] for r in refs], L, rank, T, bias=bias,
+        round_rail_partials=rounded)
     fail("combine", diff("combined_x", combined, want_c))
     fail("combine", diff("combined_topk_weights", combined_w, want_cw))
-    fail("traffic", "; ".join("combine: " + e for e in
-                              check_traffic(buf.get_traffic_stats(), want_traffic["combine"], "combine")))
+    combine_stats = buf.get_traffic_stats()
+    fail("traffic", "; ".join("combine: " + e for e in check_traffic(combine_stats, want_traffic["combine"], "combine")))
+    if rounded:  # partials cross the rail in x's dtype when that is 16-bit: a row of 2-byte elements
+        elem = 2 if y.dtype in (torch.bfloat16, torch.float16) else 4
+        want_row = (y.shape[1] * elem + 4 * (y_w.shape[1] if y_w is not None else 0) + 15) // 16 * 16
+        if R > L and combine_stats["rail_bytes_per_token"] != want_row:
+            fail("rounded", f"rail_bytes_per_token {combine_stats['rail_bytes_per_token']}, want {want_row}")
+        if rank == 0 and R > L and elem == 2:  # the inputs (fixed seeds) must exercise the rounding
+            exact, _ = reference_combine(ys, None, [r["recv_src_rank"] for r in refs],
+                                         [r["recv_src_token"] for r in refs], L, rank, T, bias=bias)
+            if torch.equal(exact, want_c):
+                fail("rounded", "rounding the rail partials changes nothing at rank 0: the case tests nothing")
 
     # ---- the same again: identical bytes
     if spec.get("repeat", False):
@@ -374,6 +386,12 @@ def case_specs(num_nodes: int, ranks_per_node: int) -> List[Dict[str, Any]]:
              config={"num_sms": 2, "chunk_tokens": 3}, cached=True, repeat=True),
         dict(name="one-chunk-token", tags=["chunks"], dtype="bfloat16", H=64,
              config={"num_sms": 1, "chunk_tokens": 1}, T=(0, 12), bias="tensor"),
+        dict(name="rounded-partials-bf16", tags=["rounded"], dtype="bfloat16", H=200, bias="tensor",
+             config={"round_rail_partials": True}, repeat=True),
+        dict(name="rounded-partials-fp16", tags=["rounded"], dtype="float16", H=128,
+             config={"round_rail_partials": True, "chunk_tokens": 5}),
+        dict(name="rounded-partials-fp32", tags=["rounded"], dtype="float32", H=64,
+             config={"round_rail_partials": True}),
     ]
     return cases
 

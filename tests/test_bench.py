@@ -27,7 +27,8 @@ def _check_bytes(res, cfg, R, L):
     """The reported bytes equal the planner's counts of the same (regenerated) routing."""
     routing = gen_routing(cfg["tokens"], cfg["experts"], cfg["topk"], R, L, cfg["node_limit"], cfg["seed"])
     tr = traffic_counts(routing, cfg["experts"], L)
-    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L)
+    bpt = bytes_per_token(cfg["hidden"], cfg["topk"], cfg["dtype"], L,
+                          round_rail_partials=bool(cfg.get("round_rail_partials")))
     assert res["counters_match_planner"], res["counter_mismatches"]
     d, c = res["ops"]["dispatch"], res["ops"]["combine"]
     assert d["rail_bytes_per_token"] == bpt.dispatch_rail
@@ -68,7 +69,7 @@ def test_benchmark_cli_own_launcher(tmp_path, capsys):
     out = tmp_path / "res.json"
     rc = all_to_all.main(["--nodes", "2", "--ranks-per-node", "1", "--tokens", "64", "--hidden", "128",
                           "--topk", "2", "--experts", "8", "--iters", "2", "--warmup", "1", "--no-progress",
-                          "--model-check", "--json", str(out)])
+                          "--model-check", "--round-rail-partials", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     _check_bytes(res, res["config"], 2, 1)

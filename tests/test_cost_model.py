@@ -152,6 +152,11 @@ def test_record_sizes_match_the_library():
     bpt = bytes_per_token(7168, 8, "fp8", 8)
     assert bpt.payload_dispatch == 7168 + 4 * 56
     assert bpt.combine_node == return_row_bytes(7168 * 2, 8)   # fp8 dispatch combines in bf16
+    # rounded rail partials (Config.round_rail_partials): 16-bit rows, as the library lays them out
+    for hidden, k, row_dtype in itertools.product([200, 2048], [0, 8], [1, 2]):
+        assert partial_row_bytes(hidden, 2, k) == _C.PartialRowLayout(hidden, 4, k, row_dtype).bytes
+    assert bytes_per_token(2048, 8, "bf16", 4, round_rail_partials=True).combine_rail == 4128
+    assert bytes_per_token(2048, 8, "fp32", 4, round_rail_partials=True).combine_rail == 8224   # fp32: no effect
 
 
 def test_two_hop_beats_flat_on_rail_heavy_cluster():

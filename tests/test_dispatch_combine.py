@@ -97,6 +97,14 @@ def test_chunking_and_threads(cluster_factory, shape):
 
 
 @shapes
+def test_round_rail_partials(cluster_factory, shape):
+    """Config(round_rail_partials=True): remote node partials cross the rail in x's 16-bit dtype
+    (half the rail bytes); the result equals the reference loop with that one rounding, bit for
+    bit; float32 x is unaffected."""
+    _assert_ok(failures(shape_results(cluster_factory, shape), tags=["rounded"]))
+
+
+@shapes
 def test_auto_layout(cluster_factory, shape):
     """dispatch(x, topk_idx=, topk_weights=, num_experts=) without the layout tensors."""
     _assert_ok(failures(shape_results(cluster_factory, shape), names=["auto-layout"]))

@@ -250,3 +250,34 @@ def test_killed_peer():
         assert not fails, "\n".join(fails)
         destroy_s = cluster.run(_job_destroy, timeout_s=60)
         assert max(t for t in destroy_s if t is not None) < 30
+
+
+def _job_rounding_disagrees(ctx):
+    """Rank 0 asks for rounded rail partials, the others not: every rank raises ValueError naming
+    the option, and the next combine works."""
+    import dispatch
+
+    x, topk, E = _dispatch_inputs(ctx)
+    x = x.to(torch.bfloat16)
+    buf = dispatch.Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node, timeout_s=8.0)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, num_experts=E)
+    config = dispatch.Config(round_rail_partials=ctx.rank == 0)
+    try:
+        buf.combine(recv_x, handle, config=config)
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    combined, _, _ = buf.combine(recv_x, handle)
+    buf.destroy()
+    return raised, combined.shape[0] == x.shape[0]
+
+
+def test_round_rail_partials_must_agree():
+    with Cluster(2, 1) as cluster:
+        results = cluster.run(_job_rounding_disagrees, timeout_s=120)
+    for rank, (raised, usable) in enumerate(results):
+        assert raised is not None and "round_rail_partials" in raised, f"rank {rank}: {raised!r}"
+        assert usable, f"rank {rank}: the combine after the error failed"
+    with pytest.raises(TypeError, match="round_rail_partials"):
+        import dispatch
+        dispatch.Config(round_rail_partials=1)

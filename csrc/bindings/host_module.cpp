@@ -72,8 +72,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("hidden_bytes"), py::arg("num_topk"))
       .def_property_readonly("bytes", &ReturnRowLayout::bytes);
   py::class_<PartialRowLayout>(m, "PartialRowLayout")
-      .def(py::init([](int64_t hidden, int acc_elem_bytes, int k) { return PartialRowLayout{hidden, acc_elem_bytes, k}; }),
-           py::arg("hidden"), py::arg("acc_elem_bytes"), py::arg("num_topk"))
+      .def(py::init([](int64_t hidden, int acc_elem_bytes, int k, int row_dtype) {
+             return PartialRowLayout{hidden, acc_elem_bytes, k, row_dtype};
+           }),
+           py::arg("hidden"), py::arg("acc_elem_bytes"), py::arg("num_topk"), py::arg("row_dtype") = -1)
       .def_property_readonly("bytes", &PartialRowLayout::bytes);
 
   py::class_<SharedMemorySegment>(m, "SharedMemorySegment")

@@ -39,14 +39,17 @@ struct ReturnRowLayout {
   DISPATCH_HD int64_t bytes() const { return align_up(hidden_bytes + 4 * num_topk, 16); }
 };
 
-// One partial sum per (token, node) crossing the rail in combine: accumulation-type row, then
-// k float32 weights.
+// One partial sum per (token, node) crossing the rail in combine: the row, then k float32
+// weights. The row is in the accumulation type (exact), or rounded to a 16-bit type when the
+// caller trades exactness for half the rail bytes (Config.round_rail_partials, as DeepEP does).
 struct PartialRowLayout {
   int64_t hidden;
-  int acc_elem_bytes;  // 4 (float32) or 8 (float64)
+  int acc_elem_bytes;  // 4 (float32) or 8 (float64): the accumulation type
   int num_topk;
+  int row_dtype = -1;  // -1: rows in the accumulation type; 1 bfloat16 / 2 float16: rounded rows
 
-  DISPATCH_HD int64_t weights_offset() const { return hidden * acc_elem_bytes; }
+  DISPATCH_HD int row_elem_bytes() const { return row_dtype < 0 ? acc_elem_bytes : 2; }
+  DISPATCH_HD int64_t weights_offset() const { return hidden * row_elem_bytes(); }
   DISPATCH_HD int64_t bytes() const { return align_up(weights_offset() + 4 * num_topk, 16); }
 };
 

@@ -16,6 +16,9 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
                     const ReduceTarget& target, const PartialRowLayout& pl) {
   const int64_t hidden = pl.hidden;
   const int k = pl.num_topk;
+  // Rounded rail rows are summed in the accumulation type here, then stored rounded.
+  const bool rounded = target.token_ids == nullptr && pl.row_dtype >= 0;
+  std::vector<AccT> scratch(rounded ? static_cast<size_t>(hidden) : 0);
   for (int64_t i = begin; i < end; ++i) {
     AccT* part;
     float* part_weights;
@@ -24,7 +27,7 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
       part = reinterpret_cast<AccT*>(target.acc) + t * hidden;
       part_weights = target.acc_weights != nullptr ? target.acc_weights + t * k : nullptr;
     } else {
-      part = reinterpret_cast<AccT*>(target.partials + i * pl.bytes());
+      part = rounded ? scratch.data() : reinterpret_cast<AccT*>(target.partials + i * pl.bytes());
       part_weights = reinterpret_cast<float*>(target.partials + i * pl.bytes() + pl.weights_offset());
     }
     bool first = true;
@@ -55,6 +58,7 @@ void reduce_records(const int32_t* dst_rows, int64_t begin, int64_t end, int L, 
       if (part_weights != nullptr)
         for (int j = 0; j < k; ++j) part_weights[j] = 0.0f;
     }
+    if (rounded) store_row(target.partials + i * pl.bytes(), part, static_cast<DType>(pl.row_dtype), hidden);
   }
 }
 
@@ -74,14 +78,23 @@ void accumulate_rows(uint8_t* acc, float* acc_weights, const uint8_t* partials, 
   const int64_t hidden = pl.hidden;
   const int k = pl.num_topk;
   std::vector<AccT> scratch(static_cast<size_t>(hidden));
+  const bool rounded = pl.row_dtype >= 0;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t t = token_ids[i];
     AccT* dst = reinterpret_cast<AccT*>(acc) + t * hidden;
-    const AccT* src = reinterpret_cast<const AccT*>(partials + i * pl.bytes());
-    if (last_term != nullptr && last_term[i]) {
+    const uint8_t* row = partials + i * pl.bytes();
+    const bool last = last_term != nullptr && last_term[i];
+    if (rounded) {  // widen the rounded partial exactly, then add in the accumulation type
+      AccT* sum = last ? scratch.data() : dst;
+      if (last) std::memcpy(sum, dst, static_cast<size_t>(hidden) * sizeof(AccT));
+      add_row(sum, row, static_cast<DType>(pl.row_dtype), hidden);
+      if (last) finish_row(sum, t, hidden, output);
+    } else if (last) {
+      const AccT* src = reinterpret_cast<const AccT*>(row);
       for (int64_t h = 0; h < hidden; ++h) scratch[h] = dst[h] + src[h];
       finish_row(scratch.data(), t, hidden, output);
     } else {
+      const AccT* src = reinterpret_cast<const AccT*>(row);
       for (int64_t h = 0; h < hidden; ++h) dst[h] += src[h];
     }
     if (k > 0) {

@@ -202,21 +202,27 @@ class HostBackend:
     # --- combine -------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
                 bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
-                error: Optional[BaseException]):
-        """Returns (combined_x, combined_topk_weights)."""
+                error: Optional[BaseException], round_rail_partials: bool = False):
+        """Returns (combined_x, combined_topk_weights). With ``round_rail_partials``, remote
+        partials cross the rail rounded to ``x.dtype`` when that is a 16-bit type."""
+        partial_dtype = -1
+        if round_rail_partials and x.dtype in (torch.bfloat16, torch.float16):
+            partial_dtype = DTYPE_CODES[x.dtype]
         header = {}
         if error is None:
             header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
-                      nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0}
+                      nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0,
+                      nt.PARTIAL_DTYPE: partial_dtype}
         matrix = self.notify(OP_COMBINE, header, None, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width")))
+        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width"),
+                               (nt.PARTIAL_DTYPE, "config.round_rail_partials")))
         topo = self.topo
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         acc_bytes = 8 if acc_dtype == torch.float64 else 4
         return_layout = _C.ReturnRowLayout(hidden * x.element_size(), k)
-        partial_layout = _C.PartialRowLayout(hidden, acc_bytes, k)
+        partial_layout = _C.PartialRowLayout(hidden, acc_bytes, k, partial_dtype)
         C = handle.chunk_records
         if C * return_layout.bytes > self.node.slot_bytes or C * partial_layout.bytes > self.rdma_slot_bytes:
             raise ValueError("x: combine rows are wider than the dispatch's chunks allow (dispatch in float64 "
