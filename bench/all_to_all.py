@@ -175,7 +175,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
             pbar.set_description(desc)
             pbar.update(1)
 
-    buf = Buffer(group, cfg.get("num_nvl_bytes", 0), cfg.get("num_rdma_bytes", 0), num_ranks_per_node=L)
+    buf = Buffer(group, cfg.get("num_nvl_bytes", 0), cfg.get("num_rdma_bytes", 0), num_ranks_per_node=L, device="cpu")
     config = Config(num_sms=cfg["num_sms"], chunk_tokens=cfg.get("chunk_tokens"),
                     round_rail_partials=bool(cfg.get("round_rail_partials")))
     topk_idx, topk_weights, x = make_inputs(rank, cfg)

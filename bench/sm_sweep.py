@@ -38,7 +38,7 @@ def sweep_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Optional[Dict[str,
 
     L = cfg["ranks_per_node"] if not under_torchrun() else int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cfg = dict(cfg, world_size=world, ranks_per_node=L)
-    buf = Buffer(dist.group.WORLD, 0, 0, num_ranks_per_node=L)
+    buf = Buffer(dist.group.WORLD, 0, 0, num_ranks_per_node=L, device="cpu")
     topk_idx, topk_weights, x = make_inputs(rank, cfg)
     E = cfg["experts"]
     sms = list(range(2, cfg["max_sms"] + 1, cfg["step"]))

@@ -1,77 +1,119 @@
-"""Buffer: the communication buffer for MoE dispatch and combine (DeepEP-compatible API)."""
+"""Buffer: the communication buffer for MoE dispatch and combine (DeepEP-compatible API).
+
+One front for every backend: ``Buffer`` checks the arguments, fills in defaults and shapes the
+results; the backend (``dispatch/backend.py``: CPU, CUDA or SIMT) moves the data. A bad argument
+does not raise at once: it travels into the backend's handshake as this rank's verdict, so every
+rank raises in the same call and nothing is sent.
+"""
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import validate as V
+from .backend import (DEVICE_KINDS, Backend, CachedDispatchArgs, CallOptions, CombineArgs, DispatchArgs,
+                      DispatchResult)
 from .config import Config
 from .event import EventOverlap
-from .host.backend import HostBackend
-from .host.plan import HostHandle
 from .topology import Topology, detect_num_ranks_per_node
 
 Tensors = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+# The config a call with a rejected config still runs its handshake with.
+_FALLBACK_CONFIG = Config(num_sms=2)
 
 
-def _is_nccl_group(group: Any) -> bool:
-    try:
-        return str(dist.get_backend(group)).lower() == "nccl"
-    except Exception:
-        return False
+def default_device_kind() -> str:
+    """``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_kind(device: Union[None, str, torch.device]) -> Tuple[str, Optional[int]]:
+    """(kind, GPU index or None) of Buffer's ``device`` argument."""
+    if device is None:
+        return default_device_kind(), None
+    if isinstance(device, torch.device):
+        return device.type, device.index
+    if not isinstance(device, str):
+        raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_KINDS or (index and not index.isdigit()):
+        raise ValueError(f"device must be one of {DEVICE_KINDS} (or 'cuda:<index>'), got {device!r}")
+    return kind, int(index) if index else None
 
 
 class Buffer:
     """The communication buffer of one rank: staging memory, links and the calls over them.
 
-    Construction is collective over ``group``. Tensors on the CPU run the CPU backend (ranks
-    are processes; shared memory inside a node, gloo point-to-point on the rails).
+    Construction is collective over ``group``. The backend follows where the tensors live, not
+    the group's backend: ``device="cpu"`` runs the CPU backend (ranks are processes; shared memory
+    inside a node, gloo point-to-point on the rails), ``"cuda"`` the CUDA kernels on this rank's
+    GPU (the group, gloo or NCCL, serves only the set-up exchange), ``"simt"`` the same kernels on
+    the CPU SIMT runtime (CPU tensors; tests and CI).
 
     Args:
-        group: the process group of the expert-parallel ranks.
-        num_nvl_bytes: in-node staging budget per rank (0: a 512 MiB default; pages are touched only as far as chunks need).
+        group: the process group of the expert-parallel ranks, or a ``dispatch.testing``
+            loopback group.
+        num_nvl_bytes: in-node staging budget per rank (0: the backend's default: 512 MiB on the
+            CPU, of which pages are touched only as far as chunks need; 256 MiB of device memory).
         num_rdma_bytes: rail staging budget per rank (0: a 512 MiB default).
         num_ranks_per_node: ranks per node ``L`` (default: ``LOCAL_WORLD_SIZE``, else by host name).
         timeout_s: seconds without progress before a missing peer is reported.
+        device: ``"cpu"``, ``"cuda"`` (``"cuda:<i>"``, or a ``torch.device``), ``"simt"``, or None:
+            ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"`` (a loopback group
+            brings its own).
     """
 
     num_sms: int = 20
 
-    def __new__(cls, group: Any = None, *args: Any, **kwargs: Any) -> "Buffer":
-        # Backend selection: an NCCL group (CUDA tensors) gets the CUDA backend's Buffer.
-        if cls is Buffer and _is_nccl_group(group):
-            from .cuda.buffer import CudaBuffer
-            cls = CudaBuffer
-        return super().__new__(cls)
-
-    def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
-                 num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0) -> None:
+    def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
+                 num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0,
+                 device: Union[None, str, torch.device] = None) -> None:
         V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
         V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        self._backend: Optional[Backend] = None
+        loopback = getattr(group, "is_loopback", False)
+        if loopback and device is None:
+            device = group.device_kind
+        kind, index = _device_kind(device)
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.group_size = dist.get_world_size(group)
+        if loopback:
+            self.rank, self.group_size = group.rank, group.size
+        else:
+            self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
         if num_ranks_per_node is None:
-            num_ranks_per_node = detect_num_ranks_per_node(group)
+            num_ranks_per_node = self.group_size if loopback else detect_num_ranks_per_node(group)
         V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
         self.topology = Topology(self.group_size, num_ranks_per_node, self.rank)
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.timeout_s = float(timeout_s)
-        self._backend: Optional[HostBackend] = HostBackend(group, self.topology, num_nvl_bytes, num_rdma_bytes,
-                                                           self.timeout_s)
+        self._backend = self._make_backend(kind, index, group, loopback)
+        self.device_kind = kind
+
+    def _make_backend(self, kind: str, index: Optional[int], group: Any, loopback: bool) -> Backend:
+        if kind == "cpu":
+            if loopback:
+                raise ValueError("device='cpu' runs ranks as processes: a loopback group needs 'cuda' or 'simt'")
+            from .host.backend import HostBackend
+            return HostBackend(group, self.topology, self.num_nvl_bytes, self.num_rdma_bytes, self.timeout_s)
+        from .cuda.backend import CudaBackend, GroupComm
+        from .cuda.device import make_device
+        device = group.device if loopback else make_device(kind, index)
+        comm = group.comm if loopback else GroupComm(group)
+        return CudaBackend(comm, self.topology, self.num_nvl_bytes, self.timeout_s, device, loopback)
 
     # --- class-wide settings and sizing -----------------------------------------------------
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
-        """Sets the default SM budget (CPU backend: worker-thread budget) of every call."""
+        """Sets the default SM budget (CPU backend: worker-thread budget) of every call, on every
+        backend (the setting is ``Buffer``'s, whatever class it is called on)."""
         V.check_int("num_sms", num_sms, 1)
-        cls.num_sms = num_sms
+        Buffer.num_sms = num_sms
 
     @staticmethod
     def get_dispatch_config(num_ranks: int = 0) -> Config:
@@ -96,10 +138,11 @@ class Buffer:
 
     # --- lifetime -----------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Frees the staging memory and the rail groups (idempotent)."""
+        """Frees the staging memory and the links (idempotent). Collective over the node: a
+        CUDA buffer waits for every rank before freeing what peers may still touch."""
         if self._backend is not None:
-            self._backend.destroy()
-            self._backend = None
+            backend, self._backend = self._backend, None
+            backend.destroy()
 
     def __enter__(self) -> "Buffer":
         return self
@@ -108,54 +151,73 @@ class Buffer:
         self.destroy()
 
     def __del__(self) -> None:
-        try:
-            self.destroy()
-        except Exception:
-            pass
+        # Only the CPU backend frees here: a device backend's destroy is a collective that a
+        # garbage collector must not start on one rank alone.
+        backend = getattr(self, "_backend", None)
+        if backend is not None and getattr(backend, "device_kind", "cpu") == "cpu":
+            try:
+                self.destroy()
+            except Exception:
+                pass
 
-    def _live_backend(self) -> HostBackend:
+    def _live_backend(self) -> Backend:
         if self._backend is None:
             raise RuntimeError("this Buffer was destroyed")
         return self._backend
 
-    def _threads(self, config: Optional[Config]) -> Tuple[int, Optional[int]]:
-        config = config or Config(num_sms=Buffer.num_sms)
+    # --- argument helpers ---------------------------------------------------------------------
+    def _config(self, backend: Backend, config: Optional[Config]) -> Config:
+        config = config if config is not None else Config(num_sms=Buffer.num_sms)
         if not isinstance(config, Config):
             raise TypeError(f"config must be a dispatch.Config, got {type(config).__name__}")
-        return config.cpu_threads(self.topology.num_ranks_per_node), config.chunk_tokens
+        backend.check_config(config)
+        return config
+
+    @staticmethod
+    def _options(previous_event: Optional[EventOverlap], async_finish: bool,
+                 allocate_on_comm_stream: bool) -> CallOptions:
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        return CallOptions(previous_event, bool(async_finish), bool(allocate_on_comm_stream))
+
+    def _tensor(self, backend: Backend, name: str, value: object, dtypes, dim: int, rows: Optional[int] = None,
+                cols: Optional[int] = None) -> torch.Tensor:
+        return V.check_tensor(name, value, dtypes, dim, rows, cols, device=backend.tensor_device)
+
+    def _handle(self, backend: Backend, handle: object) -> Any:
+        if not isinstance(handle, backend.handle_type):
+            raise TypeError(f"handle must come from this Buffer's dispatch, got {type(handle).__name__}")
+        return handle
 
     # --- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """Computes where each token goes (local, no communication).
+        """Computes where each token goes (rank-local: no communication).
 
         Args:
             topk_idx: ``[T, k]`` int64 (int32 accepted) expert ids, -1 = none.
             num_experts: ``E``, a multiple of the group size.
+            previous_event / async_finish / allocate_on_comm_stream: DeepEP's stream arguments
+                (no effect on the CPU backend, where calls finish before returning).
 
         Returns:
             num_tokens_per_rank: int32 ``[R]``.
             num_tokens_per_rdma_rank: int32 ``[N]``, or None when there is one node.
             num_tokens_per_expert: int32 ``[E]``.
             is_token_in_rank: bool ``[T, R]``.
-            event: an EventOverlap (already finished on the CPU).
+            event: an EventOverlap.
         """
-        from . import _C
-        topo = self.topology
-        V.check_num_experts(num_experts, topo.num_ranks)
-        idx = V.check_topk_idx(topk_idx, num_experts)
-        R, N = topo.num_ranks, topo.num_nodes
-        per_rank = torch.zeros(R, dtype=torch.int32)
-        per_node = torch.zeros(N, dtype=torch.int32)
-        per_expert = torch.zeros(num_experts, dtype=torch.int32)
-        in_rank = torch.empty((idx.shape[0], R), dtype=torch.bool)
-        _C.compute_layout(idx.data_ptr(), False, idx.shape[0], idx.shape[1], R, topo.num_ranks_per_node,
-                          num_experts, per_rank.data_ptr(), per_node.data_ptr(), per_expert.data_ptr(),
-                          in_rank.data_ptr())
-        return per_rank, (per_node if N > 1 else None), per_expert, in_rank, EventOverlap()
+        backend = self._live_backend()
+        V.check_num_experts(num_experts, self.topology.num_ranks)
+        idx = V.check_topk_idx(topk_idx, num_experts, device=backend.tensor_device,
+                               read_values=backend.may_read_values())
+        options = self._options(previous_event, async_finish, allocate_on_comm_stream)
+        out = backend.layout(idx, num_experts, self._config(backend, None), options)
+        return (out.num_tokens_per_rank, out.num_tokens_per_rdma_rank, out.num_tokens_per_expert,
+                out.is_token_in_rank, out.event)
 
     # --- dispatch -----------------------------------------------------------------------------
-    def dispatch(self, x: Tensors, handle: Optional[HostHandle] = None,
+    def dispatch(self, x: Tensors, handle: Optional[Any] = None,
                  num_tokens_per_rank: Optional[torch.Tensor] = None,
                  num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
                  is_token_in_rank: Optional[torch.Tensor] = None,
@@ -175,9 +237,12 @@ class Buffer:
             topk_idx: ``[T, k]`` expert ids (-1 = none).
             topk_weights: ``[T, k]`` float32.
             expert_alignment: each per-expert receive count is rounded up to a multiple of this.
-            num_worst_tokens: if > 0, the receive tensors have exactly this many rows.
+            num_worst_tokens: if > 0, the receive tensors have exactly this many rows (on the
+                CUDA backend nothing then waits on the host under graph capture, and
+                ``num_recv_tokens_per_expert_list`` is None there).
             num_experts: ``E`` when ``num_tokens_per_expert`` is not given.
-            config: SM (CPU: thread) budget and chunking.
+            config: SM (CPU: thread) budget and chunking (default: ``Buffer.num_sms``).
+            previous_event / async_finish / allocate_on_comm_stream: DeepEP's stream arguments.
 
         Returns:
             recv_x: received rows (a pair for FP8), ordered by source rank then source token.
@@ -189,86 +254,118 @@ class Buffer:
         """
         backend = self._live_backend()
         if handle is not None:
-            return self._cached_dispatch(backend, x, handle, config)
+            return self._cached_dispatch(backend, x, handle, config, previous_event, async_finish,
+                                         allocate_on_comm_stream)
         error: Optional[BaseException] = None
         rows = scales = idx = weights = None
         per_rank = per_expert = in_rank = None
         E = 0
-        threads, chunk_tokens = 1, None
+        run_config = _FALLBACK_CONFIG
+        options = CallOptions(previous_event, bool(async_finish), bool(allocate_on_comm_stream))
         try:
-            threads, chunk_tokens = self._threads(config)
-            rows, scales = V.split_x(x)
+            options = self._options(previous_event, async_finish, allocate_on_comm_stream)
+            run_config = self._config(backend, config)
+            rows, scales = V.split_x(x, device=backend.tensor_device)
             T = rows.shape[0]
             V.check_int("expert_alignment", expert_alignment, 1)
             V.check_int("num_worst_tokens", num_worst_tokens, 0)
-            if num_tokens_per_expert is not None:
-                V.check_tensor("num_tokens_per_expert", num_tokens_per_expert, (torch.int32, torch.int64), 1)
-                E = num_tokens_per_expert.numel()
-                if num_experts is not None and num_experts != E:
-                    raise ValueError(f"num_experts={num_experts} disagrees with len(num_tokens_per_expert)={E}")
-            elif num_experts is not None:
-                E = num_experts
-            elif topk_idx is not None:
-                raise ValueError("num_experts is required when num_tokens_per_expert is not given")
-            else:
-                E = self.group_size
-            V.check_num_experts(E, self.group_size)
-            from .host.notify import MAX_EXPERTS
-            if E > MAX_EXPERTS:
-                raise ValueError(f"num_experts={E} exceeds the supported {MAX_EXPERTS}")
+            E = self._num_experts(backend, num_tokens_per_expert, num_experts, topk_idx)
             if topk_idx is not None:
-                idx = V.check_topk_idx(topk_idx, E, T)
+                idx = V.check_topk_idx(topk_idx, E, T, device=backend.tensor_device,
+                                       read_values=backend.may_read_values())
                 if topk_weights is not None:
-                    weights = V.check_tensor("topk_weights", topk_weights, (torch.float32,), 2, T,
-                                             idx.shape[1]).contiguous()
+                    weights = self._tensor(backend, "topk_weights", topk_weights, (torch.float32,), 2, T,
+                                           idx.shape[1]).contiguous()
             elif topk_weights is not None:
                 raise ValueError("topk_weights needs topk_idx")
-            if is_token_in_rank is None:
+            if num_tokens_per_expert is not None:
+                per_expert = num_tokens_per_expert.to(torch.int32).contiguous()
+            if is_token_in_rank is None or (per_expert is None and idx is not None):
                 if idx is None:
-                    raise ValueError("dispatch needs topk_idx or is_token_in_rank")
-                per_rank, _, per_expert, in_rank, _ = self.get_dispatch_layout(idx, E)
-            else:
-                in_rank = V.check_tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), 2, T,
-                                         self.group_size).contiguous()
-                per_rank = in_rank.sum(dim=0).to(torch.int32)
-                if num_tokens_per_rank is not None:
-                    V.check_tensor("num_tokens_per_rank", num_tokens_per_rank, (torch.int32, torch.int64), 1)
-                    if not torch.equal(num_tokens_per_rank.to(torch.int32).cpu(), per_rank):
-                        raise ValueError("num_tokens_per_rank disagrees with is_token_in_rank")
-                per_expert = num_tokens_per_expert.to(torch.int32) if num_tokens_per_expert is not None else None
-                if per_expert is None and idx is not None:
-                    per_expert = self.get_dispatch_layout(idx, E)[2]
+                    raise ValueError("is_token_in_rank or topk_idx is required: dispatch needs the routes")
+                # On the comm stream after previous_event, like the dispatch itself.
+                layout = backend.layout(idx, E, run_config, CallOptions(previous_event, async_finish=True,
+                                                                         allocate_on_comm_stream=True))
+                if is_token_in_rank is None:
+                    in_rank, per_rank = layout.is_token_in_rank, layout.num_tokens_per_rank
+                if per_expert is None:
+                    per_expert = layout.num_tokens_per_expert
+            if in_rank is None:
+                in_rank = self._tensor(backend, "is_token_in_rank", is_token_in_rank, (torch.bool,), 2, T,
+                                       self.group_size).contiguous()
+                per_rank = self._rank_counts(backend, in_rank, num_tokens_per_rank)
             rows = rows.contiguous()
+            scales = scales.contiguous() if scales is not None else None
         except (ValueError, TypeError) as exc:
             error = exc
-        recv_x, recv_scales, recv_idx, recv_weights, per_expert_list, new_handle = backend.dispatch(
-            rows, scales, idx, weights, in_rank, per_rank, per_expert, E, expert_alignment, num_worst_tokens,
-            chunk_tokens, threads, error)
-        if weights is None:
-            recv_weights = None
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, recv_idx, recv_weights, per_expert_list, new_handle, EventOverlap()
+        result = backend.dispatch(DispatchArgs(
+            x=rows, scales=scales, topk_idx=idx, topk_weights=weights, is_token_in_rank=in_rank,
+            num_tokens_per_rank=per_rank, num_tokens_per_expert=per_expert, num_experts=E,
+            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=run_config,
+            options=options, error=error))
+        return self._dispatch_outputs(result, scales is not None, weights is not None)
 
-    def _cached_dispatch(self, backend: HostBackend, x: Tensors, handle: HostHandle, config: Optional[Config]):
+    def _num_experts(self, backend: Backend, num_tokens_per_expert: Optional[torch.Tensor],
+                     num_experts: Optional[int], topk_idx: Optional[torch.Tensor]) -> int:
+        if num_tokens_per_expert is not None:
+            self._tensor(backend, "num_tokens_per_expert", num_tokens_per_expert, (torch.int32, torch.int64), 1)
+            E = num_tokens_per_expert.numel()
+            if num_experts is not None and num_experts != E:
+                raise ValueError(f"num_experts={num_experts} disagrees with len(num_tokens_per_expert)={E}")
+        elif num_experts is not None:
+            E = num_experts
+        elif topk_idx is not None:
+            raise ValueError("num_experts is required when num_tokens_per_expert is not given")
+        else:
+            E = self.group_size
+        V.check_num_experts(E, self.group_size)
+        if E > backend.max_experts:
+            raise ValueError(f"num_experts={E} exceeds the {backend.max_experts} this backend supports")
+        return E
+
+    def _rank_counts(self, backend: Backend, in_rank: torch.Tensor,
+                     num_tokens_per_rank: Optional[torch.Tensor]) -> torch.Tensor:
+        """Tokens per destination rank from ``is_token_in_rank``; a given ``num_tokens_per_rank``
+        must agree (checked where values may be read on the host)."""
+        per_rank = in_rank.sum(dim=0, dtype=torch.int32)
+        if num_tokens_per_rank is not None:
+            self._tensor(backend, "num_tokens_per_rank", num_tokens_per_rank, (torch.int32, torch.int64), 1,
+                         self.group_size)
+            if backend.may_read_values() and not torch.equal(num_tokens_per_rank.to(torch.int32), per_rank):
+                raise ValueError("num_tokens_per_rank disagrees with is_token_in_rank")
+        return per_rank
+
+    def _cached_dispatch(self, backend: Backend, x: Tensors, handle: Any, config: Optional[Config],
+                         previous_event: Optional[EventOverlap], async_finish: bool, allocate_on_comm_stream: bool):
         error: Optional[BaseException] = None
         rows = scales = None
-        threads = 1
+        run_config = _FALLBACK_CONFIG
+        options = CallOptions(previous_event, bool(async_finish), bool(allocate_on_comm_stream))
         try:
-            threads, _ = self._threads(config)
-            if not isinstance(handle, HostHandle):
-                raise TypeError(f"handle must come from Buffer.dispatch, got {type(handle).__name__}")
-            rows, scales = V.split_x(x)
+            options = self._options(previous_event, async_finish, allocate_on_comm_stream)
+            run_config = self._config(backend, config)
+            handle = self._handle(backend, handle)
+            rows, scales = V.split_x(x, device=backend.tensor_device)
             if rows.shape[0] != handle.num_tokens:
                 raise ValueError(f"x has {rows.shape[0]} rows but the handle routes {handle.num_tokens} tokens")
             rows = rows.contiguous()
+            scales = scales.contiguous() if scales is not None else None
         except (ValueError, TypeError) as exc:
             error = exc
-        recv_x, recv_scales = backend.cached_dispatch(rows, scales, handle, threads, error)
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        return recv, None, None, None, handle, EventOverlap()
+        result = backend.cached_dispatch(CachedDispatchArgs(x=rows, scales=scales, handle=handle, config=run_config,
+                                                            options=options, error=error))
+        recv = (result.recv_x, result.recv_scales) if scales is not None else result.recv_x
+        return recv, None, None, None, result.handle, result.event
+
+    @staticmethod
+    def _dispatch_outputs(result: DispatchResult, fp8: bool, weighted: bool):
+        recv = (result.recv_x, result.recv_scales) if fp8 else result.recv_x
+        recv_weights = result.recv_topk_weights if weighted else None
+        return (recv, result.recv_topk_idx, recv_weights, result.num_recv_tokens_per_expert_list, result.handle,
+                result.event)
 
     # --- combine ------------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor] = None,
+    def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[None, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]] = None,
                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -281,6 +378,7 @@ class Buffer:
             bias: None, a ``[T, H]`` tensor or a pair of them, added to the result.
             config: SM (CPU: thread) budget; ``round_rail_partials`` trades the exact sum for
                 half the rail bytes.
+            previous_event / async_finish / allocate_on_comm_stream: DeepEP's stream arguments.
 
         Returns:
             combined_x: ``[T, H]`` in ``x.dtype``.
@@ -290,29 +388,39 @@ class Buffer:
         backend = self._live_backend()
         error: Optional[BaseException] = None
         biases: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
-        threads = 1
+        run_config = _FALLBACK_CONFIG
+        options = CallOptions(previous_event, bool(async_finish), bool(allocate_on_comm_stream))
         try:
-            threads, _ = self._threads(config)
-            if not isinstance(handle, HostHandle):
-                raise TypeError(f"handle must come from Buffer.dispatch, got {type(handle).__name__}")
-            x = V.check_tensor("x", x, V.FLOAT_DTYPES, 2).contiguous()
-            if x.shape[0] not in (handle.num_recv_tokens, handle.num_recv_rows):
-                raise ValueError(f"x has {x.shape[0]} rows but the handle received {handle.num_recv_tokens}")
+            options = self._options(previous_event, async_finish, allocate_on_comm_stream)
+            run_config = self._config(backend, config)
+            handle = self._handle(backend, handle)
+            x = self._tensor(backend, "x", x, V.FLOAT_DTYPES, 2).contiguous()
+            allowed = {handle.num_recv_rows} | ({handle.num_recv_tokens} if handle.num_recv_tokens is not None else set())
+            if x.shape[0] not in allowed:
+                raise ValueError(f"x has {x.shape[0]} rows but the handle received {sorted(allowed)}")
             if topk_weights is not None:
-                topk_weights = V.check_tensor("topk_weights", topk_weights, (torch.float32,), 2, x.shape[0])
-            if bias is not None:
-                pair = bias if isinstance(bias, tuple) else (bias, None)
-                if len(pair) != 2:
-                    raise TypeError("bias must be a tensor or a pair of tensors")
-                biases = tuple(None if b is None else V.check_tensor(
-                    "bias", b, V.FLOAT_DTYPES, 2, handle.num_tokens, x.shape[1]).contiguous() for b in pair)
+                topk_weights = self._tensor(backend, "topk_weights", topk_weights, (torch.float32,), 2,
+                                            x.shape[0]).contiguous()
+            biases = self._biases(backend, bias, handle.num_tokens, x.shape[1])
         except (ValueError, TypeError) as exc:
             error = exc
-        round_partials = bool(config is not None and config.round_rail_partials)
-        combined, combined_weights = backend.combine(x, handle, topk_weights, biases, threads, error, round_partials)
-        return combined, combined_weights, EventOverlap()
+        result = backend.combine(CombineArgs(x=x, handle=handle, topk_weights=topk_weights, bias=biases,
+                                             config=run_config, options=options, error=error))
+        return result.combined_x, result.combined_topk_weights, result.event
+
+    def _biases(self, backend: Backend, bias: object, num_tokens: int,
+                hidden: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``bias`` as a pair of ``[T, H]`` tensors or Nones."""
+        if bias is None:
+            return None, None
+        pair = bias if isinstance(bias, tuple) else (bias, None)
+        if len(pair) != 2:
+            raise TypeError("bias must be a tensor or a pair of tensors")
+        return tuple(None if b is None else self._tensor(backend, "bias", b, V.FLOAT_DTYPES, 2, num_tokens,
+                                                          hidden).contiguous() for b in pair)
 
     # --- counters -------------------------------------------------------------------------------
     def get_traffic_stats(self) -> dict:
-        """This rank's part of the most recent dispatch or combine (see docs/semantics.md)."""
-        return dict(self._live_backend().last_stats)
+        """This rank's part of the most recent dispatch or combine (see docs/semantics.md; a
+        device backend waits for its stream first)."""
+        return self._live_backend().stats()

@@ -1,16 +1,20 @@
-"""Loopback harness: L virtual ranks of one node in one process on one GPU.
+"""Loopback harness: L virtual ranks of one node in one process on one device.
 
-Each virtual rank has its own staging buffer, its own communication stream and its own compute
-stream, and runs in its own thread, so the very kernels of a real node (same planner, same rings,
-same barriers) run concurrently and talk through peer pointers that all point into one GPU.
+Each virtual rank is a plain ``dispatch.Buffer`` with its own staging buffer, its own
+communication stream and (on a GPU) its own compute stream, and runs in its own thread, so the
+very kernels of a real node (same planner, same rings, same barriers) run concurrently and talk
+through peer pointers that all point into one device. The device is a GPU (``device="cuda"``) or
+the CPU SIMT runtime (``device="simt"``: the same kernel source on host threads, CPU tensors, no
+GPU needed).
 
-    lb = Loopback(num_ranks=4)
+    lb = Loopback(num_ranks=4, device="simt")
     outs = lb.run(lambda rank, buf: buf.dispatch(xs[rank], topk_idx=idx[rank], num_experts=E))
     lb.destroy()
 
 Every call is collective: ``run`` calls ``fn`` on every rank at once. All virtual ranks'
-kernels must be resident together: keep ``L * num_sms`` (blocks of 512 threads) within what the
-GPU holds (about 2 blocks per SM), or the waits time out (they never hang).
+kernels must be resident together: ``L * num_sms`` blocks of 512 threads must fit on the device
+at once (a GPU's occupancy, the SIMT runtime's ``max_resident_blocks``); each call checks this up
+front and raises ``ValueError`` instead of letting the waits time out.
 
 Two driver settings matter and must be in the environment before CUDA is initialised (this
 module sets them as defaults at import, which is too late once the process touched the GPU;
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 import torch
 
@@ -50,6 +54,9 @@ class LoopbackComm:
         self._barrier.wait()
         return out
 
+    def barrier(self) -> None:
+        self._barrier.wait()
+
 
 class _RankComm:
     def __init__(self, shared: LoopbackComm, rank: int) -> None:
@@ -58,52 +65,76 @@ class _RankComm:
     def all_gather_object(self, obj: Any) -> List[Any]:
         return self.shared.all_gather_object(obj, self.rank)
 
+    def barrier(self) -> None:
+        self.shared.barrier()
+
 
 class LoopbackGroup:
-    """Stands for a process group of one virtual rank (``Buffer``'s ``group`` argument)."""
+    """Stands for the process group of one virtual rank (``Buffer``'s ``group`` argument): it
+    brings the set-up exchange and the device.
+
+    Attributes:
+        device: the shared ``GpuDevice``/``SimtDevice``.
+        device_kind: ``"cuda"`` or ``"simt"`` (``Buffer``'s default ``device``).
+    """
 
     is_loopback = True
 
-    def __init__(self, rank: int, size: int, comm: LoopbackComm, device: torch.device) -> None:
+    def __init__(self, rank: int, size: int, comm: LoopbackComm, device: Any) -> None:
         self.rank, self.size, self.device = rank, size, device
+        self.device_kind = device.kind
         self.comm = _RankComm(comm, rank)
 
 
 class Loopback:
-    """L virtual ranks (one node) on one GPU, each a ``CudaBuffer``.
+    """L virtual ranks (one node) on one device, each a plain ``dispatch.Buffer``.
 
     Args:
         num_ranks: virtual ranks ``L`` (<= 16).
         num_nvl_bytes: staging per virtual rank (0 = the backend default).
         timeout_s: kernel wait limit.
-        device: the GPU (default: the current one).
+        device: ``"cuda"`` (default when a GPU is present), ``"cuda:<i>"``, ``"simt"`` (default
+            otherwise), or a ``torch.device`` of a GPU.
+        max_resident_blocks: SIMT only: the runtime's cap on blocks resident at once (0 =
+            unlimited), to reproduce a GPU's co-residency limit.
     """
 
     def __init__(self, num_ranks: int, num_nvl_bytes: int = 64 << 20, timeout_s: float = 20.0,
-                 device: Optional[torch.device] = None) -> None:
-        from .cuda.buffer import CudaBuffer
+                 device: Union[None, str, torch.device] = None, max_resident_blocks: int = 0) -> None:
+        from .buffer import Buffer
+        from .cuda.device import SimtDevice, make_device
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("the loopback harness needs a CUDA GPU")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "simt"
+        if isinstance(device, torch.device):
+            kind, index = device.type, device.index
+        else:
+            kind, _, index_text = str(device).partition(":")
+            index = int(index_text) if index_text else None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("the loopback harness on device='cuda' needs a CUDA GPU (device='simt' needs none)")
+        if kind == "simt":
+            SimtDevice.configure(max_resident_blocks=max_resident_blocks)  # process-wide, as the runtime is
+        elif max_resident_blocks:
+            raise ValueError("max_resident_blocks applies to device='simt' only")
         self.num_ranks = num_ranks
-        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.device = make_device(kind, index)
         self.comm = LoopbackComm(num_ranks)
-        self.compute_streams = [torch.cuda.Stream(self.device) for _ in range(num_ranks)]
+        self.compute_streams = [self.device.new_stream() if kind == "cuda" else None for _ in range(num_ranks)]
         self.buffers: List[Any] = [None] * num_ranks
-        self.buffers = self.run(lambda r, _: CudaBuffer(LoopbackGroup(r, num_ranks, self.comm, self.device),
-                                                        num_nvl_bytes, timeout_s=timeout_s))
+        self.buffers = self.run(lambda r, _: Buffer(LoopbackGroup(r, num_ranks, self.comm, self.device),
+                                                    num_nvl_bytes, timeout_s=timeout_s))
 
     def run(self, fn: Callable[[int, Any], Any]) -> List[Any]:
         """Calls ``fn(rank, buffer)`` on every virtual rank at once, each in its own thread with
-        its own current (compute) stream; returns the results by rank, or re-raises the first error
-        (by rank)."""
+        its own compute stream (on a GPU); returns the results by rank, or re-raises the first
+        error (by rank)."""
         results: List[Any] = [None] * self.num_ranks
         errors: List[Optional[BaseException]] = [None] * self.num_ranks
 
         def body(rank: int) -> None:
             try:
-                torch.cuda.set_device(self.device)
-                with torch.cuda.stream(self.compute_streams[rank]):
+                with self.device.thread_scope(self.compute_streams[rank]):
                     results[rank] = fn(rank, self.buffers[rank])
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors[rank] = exc
@@ -119,13 +150,14 @@ class Loopback:
         return results
 
     def synchronize(self) -> None:
-        torch.cuda.synchronize(self.device)
+        self.device.synchronize()
 
     def destroy(self) -> None:
+        """Destroys every virtual rank's buffer (collectively: ``Buffer.destroy`` waits for all
+        ranks of the node)."""
         self.synchronize()
-        for buf in self.buffers:
-            if buf is not None:
-                buf.destroy()
+        if any(buf is not None for buf in self.buffers):
+            self.run(lambda r, buf: buf.destroy() if buf is not None else None)
         self.buffers = [None] * self.num_ranks
 
     def __enter__(self) -> "Loopback":

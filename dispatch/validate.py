@@ -14,9 +14,14 @@ XLike = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_tensor(name: str, value: object, dtypes: Sequence[torch.dtype], dim: int,
-                 rows: Optional[int] = None, cols: Optional[int] = None) -> torch.Tensor:
+                 rows: Optional[int] = None, cols: Optional[int] = None,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Checks type, dtype, rank, shape and (when ``device`` is given) the device type: a tensor
+    on another device than the buffer's raises ``TypeError`` naming the argument."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if device is not None and value.device.type != device.type:
+        raise TypeError(f"{name} must be on the buffer's device ({device.type}), got a tensor on {value.device}")
     if value.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {value.dtype}")
     if value.dim() != dim:
@@ -28,18 +33,19 @@ def check_tensor(name: str, value: object, dtypes: Sequence[torch.dtype], dim: i
     return value
 
 
-def split_x(x: XLike, name: str = "x", allow_fp8: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def split_x(x: XLike, name: str = "x", allow_fp8: bool = True,
+            device: Optional[torch.device] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Returns (rows, FP8 scales or None) after checking dtypes and shapes."""
     if isinstance(x, tuple):
         if not allow_fp8:
             raise TypeError(f"{name} must be a tensor here, not an FP8 pair")
         if len(x) != 2:
             raise TypeError(f"{name} as a tuple must be the FP8 pair (float8_e4m3fn rows, float32 scales)")
-        rows = check_tensor(f"{name}[0]", x[0], (torch.float8_e4m3fn,), 2)
+        rows = check_tensor(f"{name}[0]", x[0], (torch.float8_e4m3fn,), 2, device=device)
         scale_cols = (rows.shape[1] + FP8_BLOCK - 1) // FP8_BLOCK
-        scales = check_tensor(f"{name}[1]", x[1], (torch.float32,), 2, rows.shape[0], scale_cols)
+        scales = check_tensor(f"{name}[1]", x[1], (torch.float32,), 2, rows.shape[0], scale_cols, device=device)
         return rows, scales
-    return check_tensor(name, x, FLOAT_DTYPES, 2), None
+    return check_tensor(name, x, FLOAT_DTYPES, 2, device=device), None
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
@@ -50,11 +56,17 @@ def check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def check_topk_idx(topk_idx: object, num_experts: int, num_tokens: Optional[int] = None) -> torch.Tensor:
-    """Checks ``topk_idx`` and returns it as a contiguous int64 tensor."""
-    idx = check_tensor("topk_idx", topk_idx, (torch.int64, torch.int32), 2, num_tokens)
-    if idx.numel():
-        low, high = int(idx.min()), int(idx.max())
+def check_topk_idx(topk_idx: object, num_experts: int, num_tokens: Optional[int] = None,
+                   device: Optional[torch.device] = None, read_values: bool = True) -> torch.Tensor:
+    """Checks ``topk_idx`` and returns it as a contiguous int64 tensor.
+
+    Args:
+        read_values: check that every id lies in ``[-1, num_experts)`` (on a GPU this waits for
+            the tensor on the host, which CUDA graph capture forbids: False skips it then).
+    """
+    idx = check_tensor("topk_idx", topk_idx, (torch.int64, torch.int32), 2, num_tokens, device=device)
+    if read_values and idx.numel():
+        low, high = (int(v) for v in torch.aminmax(idx))
         if low < -1 or high >= num_experts:
             raise ValueError(f"topk_idx values must lie in [-1, {num_experts}), got [{low}, {high}]")
     return idx.to(torch.int64).contiguous()

@@ -80,7 +80,7 @@ def worker(rank: int, world_size: int, ranks_per_node: int, port: int, args: arg
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     group = dist.group.WORLD
-    buffer = Buffer(group, num_ranks_per_node=ranks_per_node)
+    buffer = Buffer(group, num_ranks_per_node=ranks_per_node, device="cpu")
     try:
         torch.manual_seed(0)  # replicated parameters start identical on every rank
         model = TinyMoEModel(buffer, args.in_features, args.hidden, args.ffn_hidden, args.num_experts,

@@ -407,7 +407,7 @@ def job_run_cases(ctx: Any, specs: Sequence[Dict[str, Any]], seed: int,
 
     import dispatch
 
-    kwargs = {"num_ranks_per_node": ctx.ranks_per_node, "timeout_s": 8.0}
+    kwargs = {"num_ranks_per_node": ctx.ranks_per_node, "timeout_s": 8.0, "device": "cpu"}
     kwargs.update(buffer_kwargs or {})
     results: Dict[str, List[Failure]] = {}
     buf = dispatch.Buffer(ctx.group, **kwargs)
@@ -468,3 +468,77 @@ def failures(results: Dict[str, List[Tuple[str, str]]], *, tags: Sequence[str] =
             if not categories or cat in categories or (cat == "raised" and (tags or names)):
                 out.append(f"{name}: {msg}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA backend tests (tests/test_cuda_*.py): devices and loopback helpers. They run on "simt" (the
+# kernels on the CPU SIMT runtime) when dispatch._simt is built and on "cuda" when a GPU and
+# dispatch._cuda are present; sizes shrink on SIMT, where every CUDA thread is a fiber.
+# ----------------------------------------------------------------------------------------------
+
+
+def cuda_device_params() -> List[Any]:
+    """``pytest.param`` per device; a device that is missing is a skip that says why."""
+    import pytest
+
+    from dispatch.cuda.device import gpu_available, simt_available
+    return [pytest.param("simt", marks=pytest.mark.skipif(not simt_available(), reason="dispatch._simt was not built")),
+            pytest.param("cuda", marks=pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU and dispatch._cuda"))]
+
+
+def torch_device(device: str) -> torch.device:
+    """Where a device kind's tensors live (SIMT device memory is host memory)."""
+    return torch.device("cuda") if device == "cuda" else torch.device("cpu")
+
+
+def to_device(x: Any, device: str) -> Any:
+    if isinstance(x, tuple):
+        return tuple(t.to(torch_device(device)) for t in x)
+    return x.to(torch_device(device))
+
+
+def to_cpu(x: Any) -> Any:
+    if isinstance(x, tuple):
+        return tuple(t.cpu() for t in x)
+    return x.cpu()
+
+
+def sync(device: str) -> None:
+    """Waits for this thread's compute stream (on SIMT that is the host thread: nothing to do)."""
+    if device == "cuda":
+        torch.cuda.current_stream().synchronize()
+
+
+def make_loopback(device: str, num_ranks: int, **kwargs: Any) -> Any:
+    """A ``dispatch.testing.Loopback`` of ``num_ranks`` virtual ranks on ``device``."""
+    from dispatch.testing import Loopback
+    return Loopback(num_ranks, device=device, **kwargs)
+
+
+def loopback_inputs(L: int, E: int, k: int, H: int, dtype: Any, seed: int, tokens: Any = None, fp8: bool = False,
+           max_tokens: int = 200):
+    """Per-rank ``x`` (or FP8 pairs), ``topk_idx`` (10% -1) and ``topk_weights`` on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    xs, idxs, ws = [], [], []
+    for r in range(L):
+        T = tokens[r] if tokens is not None else int(torch.randint(0, max_tokens, (1,), generator=g))
+        scores = torch.rand(T, E, generator=g)
+        idx = scores.topk(k, dim=1).indices
+        idx[torch.rand(T, k, generator=g) < 0.1] = -1
+        if fp8:
+            x = (torch.randn(T, H, generator=g) * 4).to(torch.float8_e4m3fn)
+            s = torch.rand(T, (H + 127) // 128, generator=g)
+            xs.append((x, s))
+        else:
+            xs.append(torch.randn(T, H, generator=g).to(dtype))
+        idxs.append(idx)
+        ws.append(torch.rand(T, k, generator=g))
+    return xs, idxs, ws
+
+
+def bit_equal(a: Any, b: Any) -> bool:
+    """Bitwise equality of tensors or FP8 pairs."""
+    if isinstance(a, tuple):
+        return all(bit_equal(p, q) for p, q in zip(a, b))
+    return torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                       b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)

@@ -7,7 +7,7 @@ import pytest
 
 
 def test_import_dispatch_needs_no_gpu():
-    subprocess.check_call([sys.executable, "-c", "import dispatch, dispatch.testing, dispatch.cuda.buffer"])
+    subprocess.check_call([sys.executable, "-c", "import dispatch, dispatch.testing, dispatch.cuda.backend, dispatch.cuda.device"])
 
 
 def test_cuda_module_imports_without_driver():

@@ -1,64 +1,61 @@
-"""CUDA backend, part 1: one node (N == 1), every rank one GPU (or one virtual rank of a loopback).
+"""CUDA backend, part 1: one node (N == 1), every rank one GPU (or one virtual rank of a loopback),
+on a real GPU or on the CPU SIMT runtime (``dispatch.cuda.device``).
 
-Per call, on the buffer's own stream:
+Per call, on the backend's own (communication) stream:
   1. ``channel_counts``: my tokens per (destination, channel); channel c carries tokens
      ``[T*c/C, T*(c+1)/C)`` with ``C = num_sms / 2``.
   2. ``notify``: node barrier, ring counters reset, counts written into every peer's staging
-     header, second barrier, then the plan (``csrc/cuda/plan_view.h``): rows per source, first row
-     per source and channel, per-expert counts. The receive count reaches the host through mapped
-     memory (one wait per dispatch) unless ``num_worst_tokens`` is given.
+     header, second barrier, then the plan (``PlanView`` of ``csrc/common``): rows per source,
+     first row per source and channel, per-expert counts. Every rank also posts its verdict on
+     its own arguments; notify gathers them into ``status_out`` (mapped host memory), so a bad
+     argument on any rank raises on every rank before data moves. A rank with bad arguments still
+     launches notify (with no counts) so that its peers do not stall.
   3. ``dispatch``: block 2c sends channel c (warp d streams records to rank d's ring (c, me)),
      block 2c+1 receives it (warp s drains ring (c, s) into the rows the plan gives).
   4. ``combine``: the reverse; receiver blocks sum in ascending rank order in fp32 (fp64).
+
+Host waits: outside CUDA graph capture every call waits for its notify (the verdicts; the
+receive count of a dispatch), and a call without ``async_finish`` waits for its kernels and checks
+the error words, so a stalled peer fails the call in which it stalls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import _C
+from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
+                       LayoutResult, dtype_codes, verdict_code, verdict_error)
+from ..config import Config
 from ..errors import PeerTimeoutError
+from ..event import EventOverlap
 from ..topology import Topology
+from .device import KERNEL_THREADS, Device
 
 DEFAULT_NVL_BYTES = 256 << 20
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
-WAIT_KINDS = {1: "node barrier", 2: "dispatch ring space", 3: "dispatch ring data", 4: "combine ring space",
-              5: "combine ring data", 6: "receive rows"}
+# Staging below this fails: the control header plus 64 KiB of rings (small budgets are allowed,
+# tests make the rings wrap).
+MIN_RING_BYTES = 64 << 10
+# status_out words (see NotifyArgs.status_out): [0] done, [1] lowest rank with a nonzero verdict
+# or -1, [2 + r] rank r's verdict.
+STATUS_DONE, STATUS_FIRST_BAD, STATUS_VERDICTS = 0, 1, 2
+ERROR_WORDS = 4  # flag, stalled rank, channel, wait kind
 
 
-def load_module():
-    """``dispatch._cuda``, or None when it was not built."""
-    try:
-        from .. import _cuda
-    except ImportError:
-        return None
-    return _cuda
-
-
-def plan_size(L: int, C: int, experts_per_rank: int) -> int:
-    """Mirror of ``PlanView::size`` (csrc/cuda/plan_view.h)."""
-    return 1 + 3 * L + 2 * L * C + experts_per_rank
-
-
-class PlanOffsets:
-    """Mirror of ``PlanView`` offsets."""
-
-    def __init__(self, L: int, C: int) -> None:
-        self.L, self.C = L, C
-
-    def recv_count(self) -> slice:
-        return slice(1, 1 + self.L)
-
-    def recv_base(self) -> slice:
-        return slice(1 + self.L, 1 + 2 * self.L)
+def _shared_enums(mod: Any) -> Tuple[Dict[torch.dtype, int], Dict[int, str]]:
+    """Dtype codes and wait-kind names as the C++ side defines them (``csrc/common``)."""
+    return dtype_codes(mod), {int(k): str(v) for k, v in mod.WAIT_KIND_NAMES.items()}
 
 
 class GroupComm:
-    """Host-side exchange over a torch.distributed group (NCCL: objects travel via the GPU)."""
+    """Host-side exchange over a torch.distributed group, for set-up only (any backend: a gloo
+    group serves the handshake of a CUDA buffer)."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -68,6 +65,9 @@ class GroupComm:
         out: List[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+    def barrier(self) -> None:
+        self.all_gather_object(None)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class CudaHandle:
         num_recv_tokens: received rows (None when ``num_worst_tokens`` kept it off the host).
         num_worst_tokens: rows of the receive tensors (0 = exactly the received rows).
         num_channels: channels of the dispatch (cached dispatch reuses them).
-        plan: int32 plan (csrc/cuda/plan_view.h).
+        plan: int32 plan (``PlanView``).
         is_token_in_rank: bool ``[T, R]``.
         recv_src_rank / recv_src_token: int32 source of every received row (-1 in padding rows).
         chan_counts: int32 ``[R, C]`` my tokens per destination per channel.
@@ -101,6 +101,7 @@ class CudaHandle:
 
     @property
     def num_recv_rows(self) -> int:
+        """Rows of this dispatch's receive tensors (what combine's ``x`` must have)."""
         if self.num_worst_tokens > 0:
             return self.num_worst_tokens
         assert self.num_recv_tokens is not None
@@ -110,63 +111,155 @@ class CudaHandle:
 class CudaBackend:
     """Staging memory, peers, stream and kernels of one rank of one node.
 
+    Construction is collective over ``comm`` (all ranks of the node).
+
     Args:
-        comm: host exchange for set-up only (``all_gather_object``): a GroupComm, or the loopback's.
+        comm: host exchange for set-up and ``destroy`` only (``all_gather_object``, ``barrier``):
+            a GroupComm, or the loopback's.
         topo: this rank's topology (one node).
-        num_nvl_bytes: staging per rank (0 = 256 MiB).
+        num_nvl_bytes: staging per rank (0 = 256 MiB); every rank must pass the same.
         timeout_s: a kernel waiting longer than this on a peer fails the call, naming the peer.
-        device: the CUDA device.
-        loopback: peers live in this process (same GPU): share raw addresses instead of IPC handles.
+        device: a ``GpuDevice`` or ``SimtDevice``.
+        loopback: peers live in this process (same device): share raw addresses instead of IPC
+            handles, and check up front that all virtual ranks' blocks can be resident at once.
     """
 
-    def __init__(self, comm: Any, topo: Topology, num_nvl_bytes: int, timeout_s: float, device: torch.device,
+    handle_type = CudaHandle
+
+    def __init__(self, comm: Any, topo: Topology, num_nvl_bytes: int, timeout_s: float, device: Device,
                  loopback: bool = False) -> None:
-        mod = load_module()
-        if mod is None:
-            raise RuntimeError("dispatch._cuda is not built (nvcc was not found at install time)")
+        mod = device.mod
         if topo.num_nodes != 1:
             raise NotImplementedError("the CUDA backend serves one node so far (issue 'CUDA backend part 2')")
         if topo.num_ranks_per_node > mod.MAX_PEERS:
             raise ValueError(f"num_ranks_per_node={topo.num_ranks_per_node} exceeds the CUDA backend's {mod.MAX_PEERS}")
         self.mod = mod
-        self.topo = topo
         self.device = device
+        self.device_kind = device.kind
+        self.tensor_device = device.torch_device
+        self.topo = topo
+        self.comm = comm
         self.timeout_s = timeout_s
+        self.loopback = loopback
+        self.dtype_codes, self.wait_kinds = _shared_enums(mod)
         self.last_stats: Dict[str, object] = {}
-        self._stats_thunk = None
+        self._stats_thunk: Optional[Tuple[str, CudaHandle, int]] = None
         L = topo.num_ranks_per_node
-        with torch.cuda.device(device):
+        staging_bytes = max(num_nvl_bytes or DEFAULT_NVL_BYTES, mod.HEADER_BYTES + MIN_RING_BYTES)
+        with device.scope():
             # load the kernels before any can spin (lazy loading drains the device, see kernels.cu)
             mod.preload_kernels()
-            # at least 64 KiB of rings: small budgets are allowed (tests make the rings wrap)
-            self.staging = mod.DeviceAllocation(max(num_nvl_bytes or DEFAULT_NVL_BYTES, mod.HEADER_BYTES + (64 << 10)))
+            self.staging = mod.DeviceAllocation(staging_bytes)
             self.host_out = mod.MappedHostMemory(4 * (1 + L + mod.MAX_LOCAL_EXPERTS))
-            self.error = mod.MappedHostMemory(16)
-            self.stream = torch.cuda.Stream(device)
-            self._mappings = []
-            if loopback:
-                self.peers = [int(a) for a in comm.all_gather_object(self.staging.address)]
-            else:
-                handles = comm.all_gather_object(self.staging.ipc_handle())
-                self.peers = []
-                for p, handle in enumerate(handles):
-                    if p == topo.rank:
-                        self.peers.append(self.staging.address)
-                    else:
-                        mapping = mod.PeerMapping(handle)
-                        self._mappings.append(mapping)
-                        self.peers.append(mapping.address)
+            self.error = mod.MappedHostMemory(4 * ERROR_WORDS)
+            self.status = mod.MappedHostMemory(4 * (STATUS_VERDICTS + mod.MAX_PEERS))
+            self.stream = device.new_stream()
+            self._mappings: List[Any] = []
+            mine = self.staging.address if loopback else self.staging.ipc_handle()
+            gathered = comm.all_gather_object((staging_bytes, mine))
+            # Ring geometry comes from the staging size: ranks that disagree would write past
+            # each other's rings. Every rank sees every size, so every rank raises.
+            sizes = [int(size) for size, _ in gathered]
+            if len(set(sizes)) > 1:
+                bad = next(r for r, s in enumerate(sizes) if s != sizes[0])
+                raise ValueError(f"num_nvl_bytes differs across ranks: rank 0 has {sizes[0]}, rank {bad} has "
+                                 f"{sizes[bad]} (staging bytes, after the default and the minimum)")
+            self.peers: List[int] = []
+            for p, (_, handle) in enumerate(gathered):
+                if loopback or p == topo.rank:
+                    self.peers.append(int(handle) if loopback else self.staging.address)
+                else:
+                    mapping = mod.PeerMapping(handle)
+                    self._mappings.append(mapping)
+                    self.peers.append(mapping.address)
         self._host_words = (ctypes.c_int32 * (1 + L + mod.MAX_LOCAL_EXPERTS)).from_address(self.host_out.host_address)
-        self._error_words = (ctypes.c_int32 * 4).from_address(self.error.host_address)
+        self._error_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self.error.host_address)
+        self._status_words = (ctypes.c_int32 * (STATUS_VERDICTS + mod.MAX_PEERS)).from_address(
+            self.status.host_address)
+        # Modules built before the verdict exchange raise bad arguments locally only.
+        self._has_verdicts = hasattr(mod.NotifyArgs(), "status_out")
 
-    # --- helpers -------------------------------------------------------------------------------
-    def _wait_args(self):
+    # --- configuration ---------------------------------------------------------------------------
+    def check_config(self, config: Config) -> None:
+        """Even ``num_sms`` >= 2, within the device's SMs and the kernels' channel limit; in a
+        loopback, all virtual ranks' blocks must fit on the device at once."""
+        num_sms = config.num_sms
+        if num_sms < 2 or num_sms % 2:
+            raise ValueError(f"num_sms must be even and >= 2 on the CUDA backend, got {num_sms}")
+        limit = min(self.device.sm_count(), 2 * self.mod.MAX_CHANNELS)
+        if num_sms > limit:
+            raise ValueError(f"num_sms={num_sms} exceeds this device's {limit} (SMs: {self.device.sm_count()}, "
+                             f"channels: {self.mod.MAX_CHANNELS})")
+        if self.loopback:
+            # Virtual ranks' kernels spin on each other: a block that cannot become resident
+            # until another finishes would deadlock them (the waits would time out).
+            need = self.topo.num_ranks_per_node * num_sms
+            have = self.device.resident_blocks()
+            if need > have:
+                raise ValueError(f"num_sms={num_sms}: a loopback of {self.topo.num_ranks_per_node} virtual ranks "
+                                 f"needs {need} resident blocks of {KERNEL_THREADS} threads, the {self.device_kind} "
+                                 f"device holds {have}; lower num_sms or the number of virtual ranks")
+
+    def may_read_values(self) -> bool:
+        return not self.device.capturing()
+
+    # --- stream plumbing ---------------------------------------------------------------------------
+    def _begin(self, options: CallOptions) -> Any:
+        """Orders the communication stream after ``previous_event`` (or the compute stream);
+        returns the compute stream."""
+        compute = self.device.compute_stream()
+        previous = options.previous_event.event if options.previous_event is not None else None
+        self.device.order_after(self.stream, compute, previous)
+        return compute
+
+    def _end(self, compute: Any, options: CallOptions, inputs: Tuple[Any, ...], outputs: Tuple[Any, ...]) -> EventOverlap:
+        """Records the end of the call; without ``async_finish`` the compute stream waits for it
+        and (outside graph capture) the host checks the error words, so a stalled peer fails
+        this call."""
+        event = self.device.record(self.stream)
+        if options.allocate_on_comm_stream:
+            self.device.keep_alive(self.stream, compute, event, inputs, outputs)
+        else:  # outputs belong to the compute stream and are written by the comm stream
+            self.device.keep_alive(self.stream, compute, event, inputs + outputs, ())
+        if not options.async_finish:
+            if not self.device.capturing():
+                event.synchronize()
+                self.check_error()
+            self.device.compute_wait(compute, event)
+        return EventOverlap(event, extra_tensors=tuple(t for t in inputs if isinstance(t, torch.Tensor)),
+                            device=self.device)
+
+    def _output(self, shape: Tuple[int, ...], dtype: torch.dtype, options: CallOptions,
+                fill: Optional[int] = None) -> torch.Tensor:
+        """An output tensor, allocated on the communication stream only when asked (DeepEP's
+        ``allocate_on_comm_stream``), else on the compute stream; filled on the communication
+        stream (after what the call waits for, before its kernels)."""
+        scope = self.device.stream_scope(self.stream) if options.allocate_on_comm_stream else contextlib.nullcontext()
+        with scope:
+            t = torch.empty(shape, dtype=dtype, device=self.tensor_device)
+        if fill is not None:
+            with self.device.stream_scope(self.stream):
+                t.fill_(fill)
+        return t
+
+    # --- errors --------------------------------------------------------------------------------
+    def check_error(self) -> None:
+        """Raises the failure a kernel reported (the buffer is unusable after a timeout)."""
+        if self._error_words[0]:
+            rank, channel, kind = self._error_words[1], self._error_words[2], self._error_words[3]
+            name = self.wait_kinds.get(kind, str(kind))
+            if "row" in name or "overflow" in name:
+                raise ValueError(f"num_worst_tokens is below the tokens rank {self.topo.rank} receives")
+            where = "at the node barrier" if channel < 0 else f"on channel {channel}"
+            raise PeerTimeoutError(rank, f"stalled {where} ({name}) as seen by rank {self.topo.rank}", self.timeout_s)
+
+    def _wait_args(self) -> Any:
         w = self.mod.WaitArgs()
         w.timeout_ns = int(self.timeout_s * 1e9)
         w.error = self.error.device_address
         return w
 
-    def _args(self, cls):
+    def _args(self, cls: type) -> Any:
         a = cls()
         for i, address in enumerate(self.peers):
             a.set_peer(i, address)
@@ -174,16 +267,6 @@ class CudaBackend:
         a.num_ranks = self.topo.num_ranks
         a.wait = self._wait_args()
         return a
-
-    def check_error(self) -> None:
-        """Raises the failure a kernel reported (the buffer is unusable afterwards)."""
-        if self._error_words[0]:
-            rank, channel, kind = self._error_words[1], self._error_words[2], self._error_words[3]
-            if kind == 6:
-                raise ValueError(f"num_worst_tokens is below the tokens rank {self.topo.rank} receives")
-            where = "at the node barrier" if channel < 0 else f"on channel {channel}"
-            raise PeerTimeoutError(rank, f"stalled {where} ({WAIT_KINDS.get(kind, kind)}) as seen by rank "
-                                         f"{self.topo.rank}", self.timeout_s)
 
     def _ring_slots(self, num_channels: int, row_bytes: int) -> int:
         usable = self.staging.size_bytes - self.mod.HEADER_BYTES
@@ -193,140 +276,231 @@ class CudaBackend:
                              f"(channel, peer) with {num_channels} channels")
         return int(slots)
 
-    def _notify(self, num_channels: int, stream: torch.cuda.Stream, barrier_only: bool, num_tokens: int = 0,
-                chan_counts: Optional[torch.Tensor] = None, per_expert: Optional[torch.Tensor] = None,
-                experts_per_rank: int = 0, alignment: int = 1, plan: Optional[torch.Tensor] = None) -> None:
+    # --- notify ------------------------------------------------------------------------------------
+    def _notify(self, op: str, num_channels: int, error: Optional[BaseException], barrier_only: bool,
+                num_tokens: int = 0, chan_counts: Optional[torch.Tensor] = None,
+                per_expert: Optional[torch.Tensor] = None, experts_per_rank: int = 0, alignment: int = 1,
+                plan: Optional[torch.Tensor] = None) -> None:
+        """Launches notify with this rank's verdict and, outside graph capture, waits for every
+        rank's verdict: raises on every rank when any rank's arguments were bad."""
+        if error is not None and not self._has_verdicts:
+            raise error
         a = self._args(self.mod.NotifyArgs)
+        bad = error is not None
         a.num_channels = num_channels
-        a.barrier_only = int(barrier_only)
-        a.num_tokens = num_tokens
-        a.chan_counts = chan_counts.data_ptr() if chan_counts is not None else 0
-        a.per_expert = per_expert.data_ptr() if per_expert is not None else 0
-        a.experts_per_rank = experts_per_rank
+        a.barrier_only = int(barrier_only or bad)
+        a.num_tokens = 0 if bad else num_tokens
+        a.chan_counts = chan_counts.data_ptr() if chan_counts is not None and not bad else 0
+        a.per_expert = per_expert.data_ptr() if per_expert is not None and not bad else 0
+        a.experts_per_rank = 0 if bad else experts_per_rank
         a.expert_alignment = alignment
-        a.plan = plan.data_ptr() if plan is not None else 0
-        a.host_out = self.host_out.device_address if plan is not None else 0
-        self.mod.launch_notify(a, stream.cuda_stream)
+        a.plan = plan.data_ptr() if plan is not None and not bad else 0
+        a.host_out = self.host_out.device_address if plan is not None and not bad else 0
+        capturing = self.device.capturing()
+        if self._has_verdicts:
+            a.verdict = verdict_code(error)
+            a.status_out = self.status.device_address
+            if not capturing:
+                ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
+        self.mod.launch_notify(a, self.device.handle(self.stream))
+        if capturing or not self._has_verdicts:
+            return  # under capture the device-side skip flag is the only guard
+        self._wait_status(op)
+        first_bad = self._status_words[STATUS_FIRST_BAD]
+        if error is not None:
+            raise error
+        if first_bad >= 0:
+            raise verdict_error(self._status_words[STATUS_VERDICTS + first_bad], first_bad, op)
 
-    # --- layout ----------------------------------------------------------------------------------
-    def layout(self, topk_idx: torch.Tensor, num_experts: int, num_sms: int, num_ranks: int, L: int,
-               outs: Tuple[torch.Tensor, ...]) -> None:
+    def _wait_status(self, op: str) -> None:
+        """Polls ``status_out[0]`` (set by notify last, also when it times out)."""
+        # The notify kernel itself gives up after timeout_s once it runs; it may start later
+        # than now (work queued ahead on the stream), hence the margin.
+        deadline = time.monotonic() + 2 * self.timeout_s + 10.0
+        pause_s = 1e-5
+        while not self._status_words[STATUS_DONE]:
+            if self._error_words[0]:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{op}: notify did not finish within {2 * self.timeout_s + 10.0:g} s on rank "
+                                   f"{self.topo.rank} (is the device hung?)")
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 1e-3)
+        self.check_error()
+
+    # --- layout ------------------------------------------------------------------------------------
+    def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
+        """The layout kernel (same rules as ``layout.h``); ``topk_idx`` never leaves the device."""
+        topo = self.topo
+        R, N = topo.num_ranks, topo.num_nodes
+        compute = self._begin(options)
+        outs = (self._output((R,), torch.int32, options, 0), self._output((N,), torch.int32, options, 0),
+                self._output((num_experts,), torch.int32, options, 0),
+                self._output((topk_idx.shape[0], R), torch.bool, options))
         a = self.mod.LayoutArgs()
         a.topk_idx = topk_idx.data_ptr()
         a.num_tokens, a.num_topk = topk_idx.shape
-        a.num_ranks, a.num_ranks_per_node, a.num_experts = num_ranks, L, num_experts
-        a.num_blocks = max(1, num_sms)
+        a.num_ranks, a.num_ranks_per_node, a.num_experts = R, topo.num_ranks_per_node, num_experts
+        a.num_blocks = max(1, config.num_sms)
         per_rank, per_node, per_expert, in_rank = outs
         a.per_rank, a.per_node, a.per_expert, a.in_rank = (per_rank.data_ptr(), per_node.data_ptr(),
                                                            per_expert.data_ptr(), in_rank.data_ptr())
-        self.mod.launch_layout(a, self.stream.cuda_stream)
+        self.mod.launch_layout(a, self.device.handle(self.stream))
+        event = self._end(compute, options, (topk_idx,), outs)
+        return LayoutResult(per_rank, per_node if N > 1 else None, per_expert, in_rank, event)
 
-    # --- dispatch --------------------------------------------------------------------------------
-    def dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
-                 topk_weights: Optional[torch.Tensor], in_rank: torch.Tensor, per_expert: Optional[torch.Tensor],
-                 num_experts: int, alignment: int, num_worst_tokens: int, num_channels: int,
-                 handle: Optional[CudaHandle] = None):
-        """Runs on ``self.stream`` (the caller orders it after the compute stream). Returns
-        (recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)."""
+    # --- dispatch ----------------------------------------------------------------------------------
+    def dispatch(self, args: DispatchArgs) -> DispatchResult:
         self.check_error()
-        topo, stream = self.topo, self.stream
+        options = args.options
+        compute = self._begin(options)
+        C = args.config.num_sms // 2
+        if args.error is not None:
+            self._notify("dispatch", C, args.error, True)
+        topo = self.topo
         L, me = topo.num_ranks_per_node, topo.rank
+        x, scales, topk_idx = args.x, args.scales, args.topk_idx
+        in_rank = args.is_token_in_rank
         T, hidden = x.shape
         k = topk_idx.shape[1] if topk_idx is not None else 0
-        epr = num_experts // topo.num_ranks if handle is None else 0
-        C = num_channels if handle is None else handle.num_channels
+        epr = args.num_experts // topo.num_ranks
         hidden_bytes = hidden * x.element_size()
         scale_bytes = scales.shape[1] * 4 if scales is not None else 0
         record_bytes = _C.RecordLayout(1, k, hidden_bytes, scale_bytes).bytes
         slots = self._ring_slots(C, record_bytes)
-        with torch.cuda.stream(stream):
-            if handle is None:
-                chan_counts = torch.empty((L, C), dtype=torch.int32, device=x.device)
-                self.mod.launch_channel_counts(in_rank.data_ptr(), T, L, C, chan_counts.data_ptr(), stream.cuda_stream)
-                plan = torch.empty(plan_size(L, C, epr), dtype=torch.int32, device=x.device)
-                self._notify(C, stream, False, T, chan_counts, per_expert, epr, alignment, plan)
-            else:
-                chan_counts, plan = handle.chan_counts, handle.plan
-                self._notify(C, stream, True)
-            num_recv: Optional[int] = handle.num_recv_tokens if handle is not None else None
-            per_expert_list = None
-            if handle is None and num_worst_tokens == 0:
-                stream.synchronize()  # the one host wait of a dispatch: the receive count
+        stream_handle = self.device.handle(self.stream)
+        dev = self.tensor_device
+        with self.device.stream_scope(self.stream):
+            # scratch of the comm stream: written and read by its kernels only
+            chan_counts = torch.empty((L, C), dtype=torch.int32, device=dev)
+            plan = torch.empty(self.mod.PlanView(L, C, epr).size(), dtype=torch.int32, device=dev)
+        self.mod.launch_channel_counts(in_rank.data_ptr(), T, L, C, chan_counts.data_ptr(), stream_handle)
+        self._notify("dispatch", C, None, False, T, chan_counts, args.num_tokens_per_expert, epr,
+                     args.expert_alignment, plan)
+        worst = args.num_worst_tokens
+        num_recv: Optional[int] = None
+        per_expert_list: Optional[List[int]] = None
+        capturing = self.device.capturing()
+        if worst == 0 or not capturing:
+            if capturing or not self._has_verdicts:
+                self.stream.synchronize()  # the receive count (fails under capture: pass num_worst_tokens)
                 self.check_error()
-                num_recv = int(self._host_words[0])
-                per_expert_list = [int(self._host_words[1 + L + e]) for e in range(epr)]
-            worst = num_worst_tokens if handle is None else handle.num_worst_tokens
-            rows = worst if worst > 0 else num_recv
-            pad = worst > 0
-            alloc = torch.zeros if pad else torch.empty
-            recv_x = alloc((rows, hidden), dtype=x.dtype, device=x.device)
-            recv_scales = alloc((rows, scales.shape[1]), dtype=torch.float32, device=x.device) if scales is not None else None
-            recv_idx = recv_w = None
-            if k:
-                recv_idx = torch.full((rows, k), -1, dtype=torch.int64, device=x.device)
-                recv_w = torch.zeros((rows, k), dtype=torch.float32, device=x.device)
-            if handle is None:
-                src_rank = torch.full((rows,), -1, dtype=torch.int32, device=x.device)
-                src_token = torch.full((rows,), -1, dtype=torch.int32, device=x.device)
-            else:
-                src_rank = torch.empty(rows, dtype=torch.int32, device=x.device)  # scratch: routes are known
-                src_token = torch.empty(rows, dtype=torch.int32, device=x.device)
-            a = self._args(self.mod.DispatchArgs)
-            a.num_channels, a.num_topk = C, k
-            a.num_tokens, a.hidden_bytes, a.scale_bytes, a.ring_slots, a.max_rows = T, hidden_bytes, scale_bytes, slots, rows
-            a.x = x.data_ptr()
-            a.scales = scales.data_ptr() if scales is not None else 0
-            a.topk_idx = topk_idx.data_ptr() if topk_idx is not None else 0
-            a.topk_weights = topk_weights.data_ptr() if topk_weights is not None else 0
-            a.in_rank = (in_rank if handle is None else handle.is_token_in_rank).data_ptr()
-            a.plan = plan.data_ptr()
-            a.recv_x = recv_x.data_ptr()
-            a.recv_scales = recv_scales.data_ptr() if recv_scales is not None else 0
-            a.recv_topk_idx = recv_idx.data_ptr() if recv_idx is not None else 0
-            a.recv_topk_weights = recv_w.data_ptr() if recv_w is not None else 0
-            a.recv_src_rank, a.recv_src_token = src_rank.data_ptr(), src_token.data_ptr()
-            a.expert_begin, a.experts_per_rank = me * max(epr, 1), max(epr, 1)
-            self.mod.launch_dispatch(a, stream.cuda_stream)
-        if handle is None:
-            handle = CudaHandle(num_tokens=T, num_recv_tokens=num_recv, num_worst_tokens=num_worst_tokens,
-                                hidden=hidden, num_topk=k, num_experts=num_experts, num_channels=C, plan=plan,
-                                is_token_in_rank=in_rank, recv_src_rank=src_rank, recv_src_token=src_token,
-                                chan_counts=chan_counts)
+            num_recv = int(self._host_words[0])
+            per_expert_list = [int(self._host_words[1 + L + e]) for e in range(epr)]
+        if worst > 0 and num_recv is not None and self._has_verdicts:
+            # Every rank learns in this call whether any rank's receive tensors are too small.
+            too_small = ValueError(f"num_worst_tokens={worst} is below the {num_recv} tokens rank {me} receives")
+            self._notify("dispatch", C, too_small if num_recv > worst else None, True)
+        rows = worst if worst > 0 else num_recv
+        pad = 0 if worst > 0 else None  # padding rows of worst-token tensors read as zeros
+        recv_x = self._output((rows, hidden), x.dtype, options, pad)
+        recv_scales = self._output((rows, scales.shape[1]), torch.float32, options, pad) if scales is not None else None
+        recv_idx = recv_w = None
+        if k:
+            recv_idx = self._output((rows, k), torch.int64, options, -1)
+            recv_w = self._output((rows, k), torch.float32, options, 0)
+        src_rank = self._output((rows,), torch.int32, options, -1)
+        src_token = self._output((rows,), torch.int32, options, -1)
+        self._launch_dispatch(C, T, k, hidden_bytes, scale_bytes, slots, rows, x, scales, topk_idx,
+                              args.topk_weights, in_rank, plan, recv_x, recv_scales, recv_idx, recv_w,
+                              src_rank, src_token, me * max(epr, 1), max(epr, 1))
+        handle = CudaHandle(num_tokens=T, num_recv_tokens=num_recv, num_worst_tokens=worst, hidden=hidden,
+                            num_topk=k, num_experts=args.num_experts, num_channels=C, plan=plan,
+                            is_token_in_rank=in_rank, recv_src_rank=src_rank, recv_src_token=src_token,
+                            chan_counts=chan_counts)
         self._stats_thunk = ("dispatch", handle, record_bytes)
-        return recv_x, recv_scales, recv_idx, recv_w, per_expert_list, handle
+        event = self._end(compute, options, (x, scales, topk_idx, args.topk_weights, in_rank,
+                                             args.num_tokens_per_expert, chan_counts, plan),
+                          (recv_x, recv_scales, recv_idx, recv_w, src_rank, src_token))
+        if topk_idx is None:
+            per_expert_list = None
+        return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, per_expert_list, handle, event)
+
+    def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
+        self.check_error()
+        options = args.options
+        compute = self._begin(options)
+        handle: CudaHandle = args.handle
+        C = handle.num_channels if args.error is None else args.config.num_sms // 2
+        self._notify("cached dispatch", C, args.error, True)
+        x, scales = args.x, args.scales
+        T, hidden = x.shape
+        hidden_bytes = hidden * x.element_size()
+        scale_bytes = scales.shape[1] * 4 if scales is not None else 0
+        record_bytes = _C.RecordLayout(1, 0, hidden_bytes, scale_bytes).bytes
+        slots = self._ring_slots(C, record_bytes)
+        rows = handle.num_recv_rows
+        pad = 0 if handle.num_worst_tokens > 0 else None
+        recv_x = self._output((rows, hidden), x.dtype, options, pad)
+        recv_scales = self._output((rows, scales.shape[1]), torch.float32, options, pad) if scales is not None else None
+        with self.device.stream_scope(self.stream):
+            # routes are known: the kernel's source columns are scratch here
+            src_rank = torch.empty(rows, dtype=torch.int32, device=self.tensor_device)
+            src_token = torch.empty(rows, dtype=torch.int32, device=self.tensor_device)
+        self._launch_dispatch(C, T, 0, hidden_bytes, scale_bytes, slots, rows, x, scales, None, None,
+                              handle.is_token_in_rank, handle.plan, recv_x, recv_scales, None, None,
+                              src_rank, src_token, 0, 1)
+        self._stats_thunk = ("dispatch", handle, record_bytes)
+        event = self._end(compute, options, (x, scales, src_rank, src_token), (recv_x, recv_scales))
+        return DispatchResult(recv_x, recv_scales, None, None, None, handle, event)
+
+    def _launch_dispatch(self, C: int, T: int, k: int, hidden_bytes: int, scale_bytes: int, slots: int, rows: int,
+                         x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+                         topk_weights: Optional[torch.Tensor], in_rank: torch.Tensor, plan: torch.Tensor,
+                         recv_x: torch.Tensor, recv_scales: Optional[torch.Tensor], recv_idx: Optional[torch.Tensor],
+                         recv_w: Optional[torch.Tensor], src_rank: torch.Tensor, src_token: torch.Tensor,
+                         expert_begin: int, experts_per_rank: int) -> None:
+        a = self._args(self.mod.DispatchArgs)
+        a.num_channels, a.num_topk = C, k
+        a.num_tokens, a.hidden_bytes, a.scale_bytes, a.ring_slots, a.max_rows = T, hidden_bytes, scale_bytes, slots, rows
+        a.x = x.data_ptr()
+        a.scales = _ptr(scales)
+        a.topk_idx = _ptr(topk_idx)
+        a.topk_weights = _ptr(topk_weights)
+        a.in_rank = in_rank.data_ptr()
+        a.plan = plan.data_ptr()
+        a.recv_x = recv_x.data_ptr()
+        a.recv_scales = _ptr(recv_scales)
+        a.recv_topk_idx = _ptr(recv_idx)
+        a.recv_topk_weights = _ptr(recv_w)
+        a.recv_src_rank, a.recv_src_token = src_rank.data_ptr(), src_token.data_ptr()
+        a.expert_begin, a.experts_per_rank = expert_begin, experts_per_rank
+        self.mod.launch_dispatch(a, self.device.handle(self.stream))
 
     # --- combine ---------------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle: CudaHandle, topk_weights: Optional[torch.Tensor],
-                bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_channels: int):
-        """Returns (combined_x, combined_topk_weights), produced on ``self.stream``."""
+    def combine(self, args: CombineArgs) -> CombineResult:
+        """fp32 (fp64 for float64) sums in ascending source-rank order."""
         self.check_error()
-        stream = self.stream
+        options = args.options
+        compute = self._begin(options)
+        handle: CudaHandle = args.handle
+        C = handle.num_channels if args.error is None else args.config.num_sms // 2
+        self._notify("combine", C, args.error, True)
+        x, topk_weights = args.x, args.topk_weights
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0
         row_bytes = _C.ReturnRowLayout(hidden * x.element_size(), k).bytes
-        slots = self._ring_slots(num_channels, row_bytes)
-        with torch.cuda.stream(stream):
-            out = torch.empty((handle.num_tokens, hidden), dtype=x.dtype, device=x.device)
-            out_w = torch.empty((handle.num_tokens, k), dtype=torch.float32, device=x.device) if k else None
-            self._notify(num_channels, stream, True)
-            a = self._args(self.mod.CombineArgs)
-            a.num_channels, a.num_topk, a.dtype = num_channels, k, DTYPE_CODES[x.dtype]
-            a.num_tokens, a.hidden, a.ring_slots = handle.num_tokens, hidden, slots
-            a.x = x.data_ptr()
-            a.topk_weights = topk_weights.data_ptr() if topk_weights is not None else 0
-            a.recv_src_token = handle.recv_src_token.data_ptr()
-            a.in_rank = handle.is_token_in_rank.data_ptr()
-            a.plan = handle.plan.data_ptr()
-            a.out = out.data_ptr()
-            a.out_weights = out_w.data_ptr() if out_w is not None else 0
-            b0, b1 = bias
-            a.bias0 = b0.data_ptr() if b0 is not None else 0
-            a.bias1 = b1.data_ptr() if b1 is not None else 0
-            a.bias0_dtype = DTYPE_CODES[b0.dtype] if b0 is not None else 0
-            a.bias1_dtype = DTYPE_CODES[b1.dtype] if b1 is not None else 0
-            self.mod.launch_combine(a, stream.cuda_stream)
+        slots = self._ring_slots(C, row_bytes)
+        out = self._output((handle.num_tokens, hidden), x.dtype, options)
+        out_w = self._output((handle.num_tokens, k), torch.float32, options) if k else None
+        a = self._args(self.mod.CombineArgs)
+        a.num_channels, a.num_topk, a.dtype = C, k, self.dtype_codes[x.dtype]
+        a.num_tokens, a.hidden, a.ring_slots = handle.num_tokens, hidden, slots
+        a.x = x.data_ptr()
+        a.topk_weights = _ptr(topk_weights)
+        a.recv_src_token = handle.recv_src_token.data_ptr()
+        a.in_rank = handle.is_token_in_rank.data_ptr()
+        a.plan = handle.plan.data_ptr()
+        a.out = out.data_ptr()
+        a.out_weights = _ptr(out_w)
+        b0, b1 = args.bias
+        a.bias0, a.bias1 = _ptr(b0), _ptr(b1)
+        a.bias0_dtype = self.dtype_codes[b0.dtype] if b0 is not None else 0
+        a.bias1_dtype = self.dtype_codes[b1.dtype] if b1 is not None else 0
+        self.mod.launch_combine(a, self.device.handle(self.stream))
         self._stats_thunk = ("combine", handle, row_bytes)
-        return out, out_w
+        event = self._end(compute, options, (x, topk_weights, b0, b1), (out, out_w))
+        return CombineResult(out, out_w, event)
 
     # --- counters (computed on demand: reading them waits for the device) -----------------------
     def stats(self) -> Dict[str, object]:
@@ -340,7 +514,8 @@ class CudaBackend:
             per_dest = handle.chan_counts.sum(dim=1).cpu()
             node_copies = int(per_dest.sum()) - int(per_dest[me])
         else:
-            counts = handle.plan[PlanOffsets(self.topo.num_ranks, handle.num_channels).recv_count()].cpu()
+            view = self.mod.PlanView(self.topo.num_ranks, handle.num_channels, 0)
+            counts = handle.plan.cpu()[view.recv_count(0):view.recv_count(0) + self.topo.num_ranks]
             node_copies = int(counts.sum()) - int(counts[me])
         self.last_stats = {"op": op, "rail_token_copies": 0, "flat_rail_token_copies": 0,
                            "node_token_copies": node_copies, "rail_bytes_per_token": row_bytes,
@@ -349,12 +524,19 @@ class CudaBackend:
         return dict(self.last_stats)
 
     def destroy(self) -> None:
-        """Frees staging memory and peer mappings (after this rank's stream has drained)."""
+        """Waits for this rank's stream, then for every rank of the node (peers may still read
+        or write this rank's staging until their own kernels finished), then frees."""
         try:
             self.stream.synchronize()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failed device must not block the barrier
             pass
+        self.comm.barrier()
         self._mappings = []
         self.staging = None
         self.host_out = None
         self.error = None
+        self.status = None
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0

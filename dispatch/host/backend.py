@@ -8,6 +8,10 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
+                       LayoutResult, dtype_codes)
+from ..config import Config
+from ..event import EventOverlap
 from ..topology import Topology
 from . import notify as nt
 from .combine_op import run_combine
@@ -23,11 +27,15 @@ DEFAULT_RDMA_BYTES = 512 << 20
 MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4}
+# Defined once in csrc/common and exported by the module (the table is for a module built
+# before that export).
+DTYPE_CODES = (dtype_codes(_C) if hasattr(_C, "DTYPE_CODES") else
+               {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4})
 
 
 class HostBackend:
-    """Owns the node segment, the rail group and the rail staging of one rank.
+    """Owns the node segment, the rail group and the rail staging of one rank
+    (``dispatch.backend.Backend`` for ``device="cpu"``: calls finish before they return).
 
     Args:
         group: the buffer's process group.
@@ -36,6 +44,11 @@ class HostBackend:
         num_rdma_bytes: rail staging per rank (0 = 512 MiB).
         timeout_s: seconds without progress before a peer is declared missing.
     """
+
+    device_kind = "cpu"
+    tensor_device = torch.device("cpu")
+    handle_type = HostHandle
+    max_experts = nt.MAX_EXPERTS
 
     def __init__(self, group: dist.ProcessGroup, topo: Topology, num_nvl_bytes: int, num_rdma_bytes: int,
                  timeout_s: float) -> None:
@@ -58,6 +71,48 @@ class HostBackend:
                                   for _ in range(4 * (self.topo.num_nodes - 1))]
         return self._rail_staging
 
+    # --- the Backend protocol (dispatch/backend.py) ------------------------------------------
+    def check_config(self, config: Config) -> None:
+        """Any valid Config runs here (``num_sms`` bounds the worker threads)."""
+
+    @staticmethod
+    def may_read_values() -> bool:
+        return True
+
+    def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
+        """Rank-local layout (``layout.h``) of checked int64 ``topk_idx``."""
+        R, N = self.topo.num_ranks, self.topo.num_nodes
+        per_rank = torch.zeros(R, dtype=torch.int32)
+        per_node = torch.zeros(N, dtype=torch.int32)
+        per_expert = torch.zeros(num_experts, dtype=torch.int32)
+        in_rank = torch.empty((topk_idx.shape[0], R), dtype=torch.bool)
+        _C.compute_layout(topk_idx.data_ptr(), False, topk_idx.shape[0], topk_idx.shape[1], R,
+                          self.topo.num_ranks_per_node, num_experts, per_rank.data_ptr(), per_node.data_ptr(),
+                          per_expert.data_ptr(), in_rank.data_ptr())
+        return LayoutResult(per_rank, per_node if N > 1 else None, per_expert, in_rank, EventOverlap())
+
+    def _threads(self, config: Config) -> int:
+        return config.cpu_threads(self.topo.num_ranks_per_node)
+
+    def dispatch(self, args: DispatchArgs) -> DispatchResult:
+        out = self.full_dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.is_token_in_rank,
+                                 args.num_tokens_per_rank, args.num_tokens_per_expert, args.num_experts,
+                                 args.expert_alignment, args.num_worst_tokens, args.config.chunk_tokens,
+                                 self._threads(args.config), args.error)
+        return DispatchResult(*out, EventOverlap())
+
+    def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
+        recv_x, recv_scales = self.resend(args.x, args.scales, args.handle, self._threads(args.config), args.error)
+        return DispatchResult(recv_x, recv_scales, None, None, None, args.handle, EventOverlap())
+
+    def combine(self, args: CombineArgs) -> CombineResult:
+        out, out_weights = self.reduce(args.x, args.handle, args.topk_weights, args.bias, self._threads(args.config),
+                                       args.error, args.config.round_rail_partials)
+        return CombineResult(out, out_weights, EventOverlap())
+
+    def stats(self) -> Dict[str, object]:
+        return dict(self.last_stats)
+
     # --- notify --------------------------------------------------------------------------
     def notify(self, op: int, header: Dict[int, int], payload: Optional[torch.Tensor],
                error: Optional[BaseException]) -> torch.Tensor:
@@ -79,7 +134,7 @@ class HostBackend:
         return matrix
 
     # --- dispatch ------------------------------------------------------------------------
-    def dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
+    def full_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
                  topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
                  num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
                  num_experts: int, expert_alignment: int, num_worst_tokens: int, chunk_tokens: Optional[int],
@@ -159,7 +214,7 @@ class HostBackend:
             per_expert = None
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
 
-    def cached_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
+    def resend(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
                         num_threads: int, error: Optional[BaseException]):
         """Re-sends a new ``x`` along ``handle``'s routes. Returns (recv_x, recv_scales)."""
         header = {}
@@ -200,7 +255,7 @@ class HostBackend:
         return chunk
 
     # --- combine -------------------------------------------------------------------------
-    def combine(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
+    def reduce(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
                 bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
                 error: Optional[BaseException], round_rail_partials: bool = False):
         """Returns (combined_x, combined_topk_weights). With ``round_rail_partials``, remote

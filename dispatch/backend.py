@@ -1,0 +1,230 @@
+"""The backend protocol: what ``Buffer`` asks of the CPU, CUDA and SIMT backends.
+
+``Buffer`` (``dispatch/buffer.py``) is the one front: it checks arguments, fills in defaults and
+shapes the DeepEP-style results. A backend moves the data. Every collective call hands the backend
+one typed argument object (``DispatchArgs``, ``CachedDispatchArgs``, ``CombineArgs``) whose
+``error`` field carries this rank's verdict on its own arguments: a backend must still take part
+in the call's handshake when ``error`` is set, so that every rank raises (the bad rank its own
+error, the others one naming the bad rank and argument) and no data moves.
+
+Backends:
+    * ``dispatch.host.backend.HostBackend`` (``device="cpu"``): ranks are processes, shared memory
+      inside a node, gloo point-to-point on the rails.
+    * ``dispatch.cuda.backend.CudaBackend`` (``device="cuda"`` or ``"simt"``): the in-node CUDA
+      kernels, on a GPU or, compiled by g++ against the CPU SIMT runtime, on the host
+      (``dispatch.cuda.device`` tells the two apart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Tuple
+
+import torch
+
+from .config import Config
+from .event import EventOverlap
+
+DEVICE_KINDS = ("cpu", "cuda", "simt")
+
+# Argument names a rank's verdict can point at (``verdict_code``): the index travels between
+# ranks, so every rank names the same argument. Append only: ranks must agree on the tuple.
+ARGUMENT_NAMES = ("arguments", "x", "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank",
+                  "num_tokens_per_rdma_rank", "num_tokens_per_expert", "num_experts", "expert_alignment",
+                  "num_worst_tokens", "config", "num_sms", "handle", "bias", "num_nvl_bytes")
+
+
+@dataclass
+class CallOptions:
+    """DeepEP's stream arguments of one call.
+
+    Args:
+        previous_event: the call's work starts after this event (default: after the compute
+            stream's work so far).
+        async_finish: return without making the compute stream wait; the returned EventOverlap
+            marks the end.
+        allocate_on_comm_stream: allocate the outputs on the communication stream (the caller
+            then owns their stream lifetime, as in DeepEP).
+    """
+
+    previous_event: Optional[EventOverlap] = None
+    async_finish: bool = False
+    allocate_on_comm_stream: bool = False
+
+
+@dataclass
+class DispatchArgs:
+    """One full dispatch, checked by ``Buffer`` (tensors contiguous, on the backend's device).
+
+    When ``error`` is set, the tensor fields may be None or unchecked: the backend only takes
+    part in the handshake and raises.
+
+    Args:
+        x: ``[T, H]`` rows (float8_e4m3fn when ``scales`` is given).
+        scales: ``[T, ceil(H/128)]`` float32 FP8 scales, or None.
+        topk_idx: ``[T, k]`` int64 expert ids in ``[-1, E)``, or None.
+        topk_weights: ``[T, k]`` float32, or None.
+        is_token_in_rank: bool ``[T, R]``.
+        num_tokens_per_rank: int32 ``[R]`` (the row sums of ``is_token_in_rank``).
+        num_tokens_per_expert: int32 ``[E]`` or None (no per-expert counts wanted).
+        num_experts: ``E``.
+        expert_alignment: per-expert receive counts are rounded up to a multiple of this.
+        num_worst_tokens: rows of the receive tensors when > 0.
+        config: the call's Config (``Buffer`` filled in the default).
+        options: stream arguments.
+        error: this rank's verdict on its arguments (None: fine).
+    """
+
+    x: Optional[torch.Tensor]
+    scales: Optional[torch.Tensor]
+    topk_idx: Optional[torch.Tensor]
+    topk_weights: Optional[torch.Tensor]
+    is_token_in_rank: Optional[torch.Tensor]
+    num_tokens_per_rank: Optional[torch.Tensor]
+    num_tokens_per_expert: Optional[torch.Tensor]
+    num_experts: int
+    expert_alignment: int
+    num_worst_tokens: int
+    config: Config
+    options: CallOptions = field(default_factory=CallOptions)
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class CachedDispatchArgs:
+    """A dispatch along a previous dispatch's routes (``handle``).
+
+    Args:
+        x / scales: as in ``DispatchArgs``.
+        handle: the backend's handle from an earlier dispatch.
+        config / options / error: as in ``DispatchArgs``.
+    """
+
+    x: Optional[torch.Tensor]
+    scales: Optional[torch.Tensor]
+    handle: Any
+    config: Config
+    options: CallOptions = field(default_factory=CallOptions)
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class CombineArgs:
+    """One combine, checked by ``Buffer``.
+
+    Args:
+        x: ``[n, H]`` rows in the order of the dispatch's ``recv_x``.
+        handle: the handle of the dispatch being reversed.
+        topk_weights: ``[n, k]`` float32 or None.
+        bias: up to two ``[T, H]`` tensors added to the result.
+        config / options / error: as in ``DispatchArgs``.
+    """
+
+    x: Optional[torch.Tensor]
+    handle: Any
+    topk_weights: Optional[torch.Tensor]
+    bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+    config: Config
+    options: CallOptions = field(default_factory=CallOptions)
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class DispatchResult:
+    """What a backend's dispatch returns; ``Buffer`` shapes it into DeepEP's tuple."""
+
+    recv_x: torch.Tensor
+    recv_scales: Optional[torch.Tensor]
+    recv_topk_idx: Optional[torch.Tensor]
+    recv_topk_weights: Optional[torch.Tensor]
+    num_recv_tokens_per_expert_list: Optional[List[int]]
+    handle: Any
+    event: EventOverlap
+
+
+@dataclass
+class CombineResult:
+    combined_x: torch.Tensor
+    combined_topk_weights: Optional[torch.Tensor]
+    event: EventOverlap
+
+
+@dataclass
+class LayoutResult:
+    num_tokens_per_rank: torch.Tensor
+    num_tokens_per_rdma_rank: Optional[torch.Tensor]
+    num_tokens_per_expert: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    event: EventOverlap
+
+
+class Backend(Protocol):
+    """What every backend implements (see the module docstring).
+
+    Attributes:
+        device_kind: ``"cpu"``, ``"cuda"`` or ``"simt"``.
+        tensor_device: where this backend's tensors live (``Buffer`` checks every argument).
+        handle_type: the class of this backend's dispatch handles.
+    """
+
+    device_kind: str
+    tensor_device: torch.device
+    handle_type: type
+
+    def check_config(self, config: Config) -> None:
+        """Raises ``ValueError`` naming the field when ``config`` does not fit this backend."""
+
+    def may_read_values(self) -> bool:
+        """Whether argument values may be read on the host now (False under CUDA graph capture:
+        value checks that would wait for the device are skipped then)."""
+
+    def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
+        """Rank-local layout of ``topk_idx`` (int64, checked)."""
+
+    def dispatch(self, args: DispatchArgs) -> DispatchResult:
+        """Collective: a full dispatch (raises on every rank when any rank's ``error`` is set)."""
+
+    def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
+        """Collective: re-sends ``x`` along ``args.handle``'s routes."""
+
+    def combine(self, args: CombineArgs) -> CombineResult:
+        """Collective: the reverse of the handle's dispatch, summed at each source."""
+
+    def stats(self) -> Dict[str, object]:
+        """This rank's traffic counters of the last dispatch or combine (docs/semantics.md)."""
+
+    def destroy(self) -> None:
+        """Collective over the node: frees staging and mappings once every rank is done."""
+
+
+def dtype_codes(mod: Any) -> Dict[torch.dtype, int]:
+    """``{torch dtype: code}`` from a C++ module's ``DTYPE_CODES`` (defined once in
+    ``csrc/common``; keys are torch dtype names such as ``"bfloat16"``)."""
+    return {getattr(torch, name): int(code) for name, code in mod.DTYPE_CODES.items() if hasattr(torch, name)}
+
+
+def verdict_code(error: Optional[BaseException]) -> int:
+    """Encodes this rank's verdict for its peers: 0 = fine, else ``1 + 2 * argument + is_type``.
+
+    The argument is the first word of the message (every check in ``dispatch.validate`` starts
+    its message with the argument's name), matched against ``ARGUMENT_NAMES``.
+    """
+    if error is None:
+        return 0
+    return 1 + 2 * ARGUMENT_NAMES.index(argument_of(error)) + int(isinstance(error, TypeError))
+
+
+def argument_of(error: BaseException) -> str:
+    """The argument an error from ``dispatch.validate`` names (``"arguments"`` when unknown)."""
+    words = str(error).replace("[", " ").replace("=", " ").replace(".", " ").split()
+    for word in words[:3]:
+        if word in ARGUMENT_NAMES:
+            return word
+    return ARGUMENT_NAMES[0]
+
+
+def verdict_error(code: int, rank: int, op: str) -> Exception:
+    """The error a rank raises for a peer's nonzero verdict ``code`` (see ``verdict_code``)."""
+    argument = ARGUMENT_NAMES[((code - 1) // 2) % len(ARGUMENT_NAMES)]
+    cls = TypeError if (code - 1) % 2 else ValueError
+    return cls(f"{op}: rank {rank} rejected its argument {argument!r} (see its error); nothing was sent")
