@@ -165,11 +165,13 @@ class Backend(Protocol):
         device_kind: ``"cpu"``, ``"cuda"`` or ``"simt"``.
         tensor_device: where this backend's tensors live (``Buffer`` checks every argument).
         handle_type: the class of this backend's dispatch handles.
+        max_experts: the most experts ``E`` a dispatch may route to.
     """
 
     device_kind: str
     tensor_device: torch.device
     handle_type: type
+    max_experts: int
 
     def check_config(self, config: Config) -> None:
         """Raises ``ValueError`` naming the field when ``config`` does not fit this backend."""

@@ -93,6 +93,53 @@ def test_bad_argument_raises_on_every_rank_and_buffer_stays_usable(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_facts_differing_across_ranks_raise_on_every_rank(device):
+    """hidden size, num_sms (channels) and topk width must agree across ranks: each mismatch is a
+    ValueError naming it on every rank, in the call where it happens; the buffer stays usable."""
+    from dispatch import Config
+    xs, idxs, ws = inputs(L, E, K, H, torch.float32, seed=4, tokens=[10, 7])
+    with loopback(device, L, timeout_s=5.0) as lb:
+        def step(r, buf):
+            x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
+            cfg = Config(num_sms=2)
+            messages = []
+            # a good call first: the facts are agreed, later calls differ from them on one rank
+            recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E, config=cfg)
+            calls = [
+                lambda: buf.dispatch(torch.cat([x, x[:, :8]], dim=1) if r == 1 else x, topk_idx=idx, num_experts=E,
+                                     config=cfg),
+                lambda: buf.dispatch(x, topk_idx=idx, num_experts=E, config=Config(num_sms=4) if r == 0 else cfg),
+                lambda: buf.combine(recv_x, handle, topk_weights=recv_w if r == 0 else None, config=cfg),
+            ]
+            for call in calls:
+                with pytest.raises(ValueError) as info:
+                    call()
+                messages.append(str(info.value))
+            out = buf.dispatch(x, topk_idx=idx, num_experts=E, config=cfg)[0]
+            return messages, out.cpu()
+        res = lb.run(step)
+    for d in range(L):
+        hidden, sms, width = res[d][0]
+        assert "hidden size" in hidden and "num_sms" in sms and "topk width" in width, res[d][0]
+        assert torch.equal(res[d][1], reference_dispatch(xs, idxs, None, E, L, d)["recv_x"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_staging_size_differing_across_ranks_raises_on_every_rank(device):
+    from dispatch import Buffer
+    from dispatch.testing import LoopbackComm, LoopbackGroup
+    with loopback(device, L) as lb:
+        comm = LoopbackComm(L)
+
+        def step(r, _):
+            with pytest.raises(ValueError) as info:
+                Buffer(LoopbackGroup(r, L, comm, lb.device), (4 << 20) + r * (1 << 20))
+            return str(info.value)
+        res = lb.run(step)
+    assert all("num_nvl_bytes" in m and "rank 1" in m for m in res)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_worst_tokens_too_small_raises_on_every_rank(device):
     from dispatch import Config
     xs, idxs, ws = inputs(L, E, K, H, torch.float32, seed=5, tokens=[20, 3])

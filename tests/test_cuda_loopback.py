@@ -39,13 +39,13 @@ def test_layout_matches_reference(device):
 
 
 CASES = [
-    # L, E, k, H, dtype, num_sms, nvl_bytes (small: rings wrap many times), SIMT too
-    (1, 8, 2, 64, torch.bfloat16, 2, 0, True),
-    (2, 16, 4, 128, torch.float32, 2, 0, True),
-    (4, 32, 4, 256, torch.bfloat16, 6, 0, False),
-    (4, 32, 8, 96, torch.float16, 4, (512 << 10) + 64 * 1024, True),
-    (8, 64, 8, 512, torch.bfloat16, 8, 0, False),
-    (8, 16, 3, 40, torch.float64, 2, 0, True),
+    # L, E, k, H, dtype, num_sms, nvl_bytes (small: rings wrap many times)
+    (1, 8, 2, 64, torch.bfloat16, 2, 0),
+    (2, 16, 4, 128, torch.float32, 2, 0),
+    (4, 32, 4, 256, torch.bfloat16, 6, 0),
+    (4, 32, 8, 96, torch.float16, 4, (512 << 10) + 64 * 1024),
+    (8, 64, 8, 512, torch.bfloat16, 8, 0),
+    (8, 16, 3, 40, torch.float64, 2, 0),
 ]
 
 
@@ -53,9 +53,7 @@ def _case_params():
     out = []
     for case in CASES:
         for dev in DEVICES:
-            if dev.values[0] == "simt" and not case[-1]:
-                continue
-            out.append(pytest.param(dev.values[0], *case[:-1], marks=dev.marks))
+            out.append(pytest.param(dev.values[0], *case, marks=dev.marks))
     return out
 
 
@@ -210,7 +208,7 @@ def test_timeout_names_missing_rank(device):
 
 
 @pytest.mark.parametrize("device,num_sms", [pytest.param(d.values[0], n, marks=d.marks)
-                                            for d in DEVICES for n in ((2, 6) if d.values[0] == "simt" else (2, 4, 10, 20))])
+                                            for d in DEVICES for n in (2, 4, 10, 20)])
 def test_any_even_num_sms(device, num_sms):
     from dispatch import Config
     L, E, k, H = 2, 8, 2, 64

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -51,6 +52,34 @@ ERROR_WORDS = 4  # flag, stalled rank, channel, wait kind
 def _shared_enums(mod: Any) -> Tuple[Dict[torch.dtype, int], Dict[int, str]]:
     """Dtype codes and wait-kind names as the C++ side defines them (``csrc/common``)."""
     return dtype_codes(mod), {int(k): str(v) for k, v in mod.WAIT_KIND_NAMES.items()}
+
+
+FACTS_FLAG = 1 << 30  # a verdict word with this bit carries CallFacts, not a bad argument
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What every rank's call must agree on, packed into one verdict word: channels (num_sms),
+    topk width, dtype and whether receive tensors are padded (num_worst_tokens > 0) in fields of
+    their own, so a mismatch is named; hidden bytes, FP8 scale bytes and experts as a hash."""
+
+    num_channels: int
+    num_topk: int
+    dtype_code: int
+    worst: bool
+    detail: Tuple[int, ...]
+
+    FIELDS = ((0, 63, "num_sms"), (6, 63, "topk width"), (12, 7, "x dtype"),
+              (15, 1, "num_worst_tokens > 0"), (16, 0x3FFF, "x hidden size (or FP8 scales, num_experts)"))
+
+    def word(self) -> int:
+        digest = zlib.crc32(repr(self.detail).encode()) & 0x3FFF
+        return (FACTS_FLAG | ((self.num_channels - 1) & 63) | (self.num_topk & 63) << 6 | (self.dtype_code & 7) << 12
+                | int(self.worst) << 15 | digest << 16)
+
+    @classmethod
+    def differing(cls, mine: int, theirs: int) -> List[str]:
+        return [name for shift, mask, name in cls.FIELDS if (mine >> shift) & mask != (theirs >> shift) & mask]
 
 
 class GroupComm:
@@ -142,6 +171,7 @@ class CudaBackend:
         self.timeout_s = timeout_s
         self.loopback = loopback
         self.dtype_codes, self.wait_kinds = _shared_enums(mod)
+        self.max_experts = mod.MAX_LOCAL_EXPERTS * topo.num_ranks  # the plan holds one node's experts
         self.last_stats: Dict[str, object] = {}
         self._stats_thunk: Optional[Tuple[str, CudaHandle, int]] = None
         L = topo.num_ranks_per_node
@@ -178,6 +208,7 @@ class CudaBackend:
             self.status.host_address)
         # Modules built before the verdict exchange raise bad arguments locally only.
         self._has_verdicts = hasattr(mod.NotifyArgs(), "status_out")
+        self._agreed_facts: Dict[str, int] = {}  # per op: the facts word every rank last agreed on
 
     # --- configuration ---------------------------------------------------------------------------
     def check_config(self, config: Config) -> None:
@@ -278,39 +309,81 @@ class CudaBackend:
 
     # --- notify ------------------------------------------------------------------------------------
     def _notify(self, op: str, num_channels: int, error: Optional[BaseException], barrier_only: bool,
-                num_tokens: int = 0, chan_counts: Optional[torch.Tensor] = None,
+                facts: Optional["CallFacts"] = None, num_tokens: int = 0, chan_counts: Optional[torch.Tensor] = None,
                 per_expert: Optional[torch.Tensor] = None, experts_per_rank: int = 0, alignment: int = 1,
                 plan: Optional[torch.Tensor] = None) -> None:
         """Launches notify with this rank's verdict and, outside graph capture, waits for every
-        rank's verdict: raises on every rank when any rank's arguments were bad."""
+        rank's verdict: raises on every rank when any rank's arguments were bad.
+
+        ``facts`` (what every rank's call must agree on) are checked first, in an extra
+        barrier-only notify whose verdict words carry them, whenever they differ from the last
+        facts this op agreed on: in steady state (same shapes every step) that round is skipped.
+        A rank whose facts did not change takes no extra round; its peers then read its zero
+        verdict as the old facts, so the rounds still pair up and every rank raises together.
+        """
         if error is not None and not self._has_verdicts:
             raise error
-        a = self._args(self.mod.NotifyArgs)
-        bad = error is not None
-        a.num_channels = num_channels
-        a.barrier_only = int(barrier_only or bad)
-        a.num_tokens = 0 if bad else num_tokens
-        a.chan_counts = chan_counts.data_ptr() if chan_counts is not None and not bad else 0
-        a.per_expert = per_expert.data_ptr() if per_expert is not None and not bad else 0
-        a.experts_per_rank = 0 if bad else experts_per_rank
-        a.expert_alignment = alignment
-        a.plan = plan.data_ptr() if plan is not None and not bad else 0
-        a.host_out = self.host_out.device_address if plan is not None and not bad else 0
         capturing = self.device.capturing()
+        agreed = self._agreed_facts.get(op)
+        if error is None and facts is not None and self._has_verdicts and not capturing and facts.word() != agreed:
+            word = facts.word()
+            self._launch_notify(num_channels, word, True)
+            self._check_status(op, None, word, facts_round=True, agreed=agreed)
+            self._agreed_facts[op] = agreed = word
+        bad = error is not None
+        self._launch_notify(num_channels, verdict_code(error), barrier_only or bad, 0 if bad else num_tokens,
+                            None if bad else chan_counts, None if bad else per_expert, 0 if bad else experts_per_rank,
+                            alignment, None if bad else plan)
+        if not capturing and self._has_verdicts:  # under capture the device-side skip flag is the only guard
+            self._check_status(op, error, agreed if facts is not None else None, facts_round=False, agreed=None)
+
+    def _launch_notify(self, num_channels: int, verdict: int, barrier_only: bool, num_tokens: int = 0,
+                       chan_counts: Optional[torch.Tensor] = None, per_expert: Optional[torch.Tensor] = None,
+                       experts_per_rank: int = 0, alignment: int = 1, plan: Optional[torch.Tensor] = None) -> None:
+        a = self._args(self.mod.NotifyArgs)
+        a.num_channels = num_channels
+        a.barrier_only = int(barrier_only)
+        a.num_tokens = num_tokens
+        a.chan_counts = _ptr(chan_counts)
+        a.per_expert = _ptr(per_expert)
+        a.experts_per_rank = experts_per_rank
+        a.expert_alignment = alignment
+        a.plan = _ptr(plan)
+        a.host_out = self.host_out.device_address if plan is not None else 0
         if self._has_verdicts:
-            a.verdict = verdict_code(error)
+            a.verdict = verdict
             a.status_out = self.status.device_address
-            if not capturing:
+            if not self.device.capturing():
                 ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
         self.mod.launch_notify(a, self.device.handle(self.stream))
-        if capturing or not self._has_verdicts:
-            return  # under capture the device-side skip flag is the only guard
+
+    def _check_status(self, op: str, error: Optional[BaseException], my_facts: Optional[int], facts_round: bool,
+                      agreed: Optional[int]) -> None:
+        """Waits for notify's status and raises what every rank must raise: this rank's own
+        error, a peer's bad argument (named), or facts that differ across ranks (named).
+
+        Args:
+            my_facts: this rank's facts word (None: this call has none).
+            facts_round: the status of a facts round: a zero verdict then stands for ``agreed``
+                (that peer's facts did not change).
+        """
         self._wait_status(op)
-        first_bad = self._status_words[STATUS_FIRST_BAD]
         if error is not None:
             raise error
-        if first_bad >= 0:
-            raise verdict_error(self._status_words[STATUS_VERDICTS + first_bad], first_bad, op)
+        for rank in range(self.topo.num_ranks):
+            verdict = self._status_words[STATUS_VERDICTS + rank]
+            if verdict == 0 and facts_round and agreed is not None:
+                verdict = agreed
+            if verdict == 0 or (facts_round and verdict == my_facts):
+                continue
+            if verdict & FACTS_FLAG:
+                # a peer's facts round met this rank's call (or its facts differ): the call is
+                # void on every rank
+                fields = CallFacts.differing(my_facts, verdict) if my_facts is not None else []
+                what = " and ".join(fields) if fields else "the call's shapes or config"
+                raise ValueError(f"{op}: {what} differ(s) across ranks: rank {rank} does not match rank "
+                                 f"{self.topo.rank}; nothing was sent")
+            raise verdict_error(verdict, rank, op)
 
     def _wait_status(self, op: str) -> None:
         """Polls ``status_out[0]`` (set by notify last, also when it times out)."""
@@ -367,7 +440,6 @@ class CudaBackend:
         hidden_bytes = hidden * x.element_size()
         scale_bytes = scales.shape[1] * 4 if scales is not None else 0
         record_bytes = _C.RecordLayout(1, k, hidden_bytes, scale_bytes).bytes
-        slots = self._ring_slots(C, record_bytes)
         stream_handle = self.device.handle(self.stream)
         dev = self.tensor_device
         with self.device.stream_scope(self.stream):
@@ -375,7 +447,9 @@ class CudaBackend:
             chan_counts = torch.empty((L, C), dtype=torch.int32, device=dev)
             plan = torch.empty(self.mod.PlanView(L, C, epr).size(), dtype=torch.int32, device=dev)
         self.mod.launch_channel_counts(in_rank.data_ptr(), T, L, C, chan_counts.data_ptr(), stream_handle)
-        self._notify("dispatch", C, None, False, T, chan_counts, args.num_tokens_per_expert, epr,
+        facts = CallFacts(C, k, self.dtype_codes[x.dtype], args.num_worst_tokens > 0,
+                          (hidden_bytes, scale_bytes, args.num_experts))
+        self._notify("dispatch", C, None, False, facts, T, chan_counts, args.num_tokens_per_expert, epr,
                      args.expert_alignment, plan)
         worst = args.num_worst_tokens
         num_recv: Optional[int] = None
@@ -391,6 +465,8 @@ class CudaBackend:
             # Every rank learns in this call whether any rank's receive tensors are too small.
             too_small = ValueError(f"num_worst_tokens={worst} is below the {num_recv} tokens rank {me} receives")
             self._notify("dispatch", C, too_small if num_recv > worst else None, True)
+        # after notify: every rank agreed on the row size and the staging size, so all raise alike
+        slots = self._ring_slots(C, record_bytes)
         rows = worst if worst > 0 else num_recv
         pad = 0 if worst > 0 else None  # padding rows of worst-token tensors read as zeros
         recv_x = self._output((rows, hidden), x.dtype, options, pad)
@@ -422,11 +498,14 @@ class CudaBackend:
         compute = self._begin(options)
         handle: CudaHandle = args.handle
         C = handle.num_channels if args.error is None else args.config.num_sms // 2
-        self._notify("cached dispatch", C, args.error, True)
         x, scales = args.x, args.scales
+        facts = None
+        if args.error is None:
+            hidden_bytes = x.shape[1] * x.element_size()
+            scale_bytes = scales.shape[1] * 4 if scales is not None else 0
+            facts = CallFacts(C, 0, self.dtype_codes[x.dtype], False, (hidden_bytes, scale_bytes))
+        self._notify("cached dispatch", C, args.error, True, facts)
         T, hidden = x.shape
-        hidden_bytes = hidden * x.element_size()
-        scale_bytes = scales.shape[1] * 4 if scales is not None else 0
         record_bytes = _C.RecordLayout(1, 0, hidden_bytes, scale_bytes).bytes
         slots = self._ring_slots(C, record_bytes)
         rows = handle.num_recv_rows
@@ -475,8 +554,12 @@ class CudaBackend:
         compute = self._begin(options)
         handle: CudaHandle = args.handle
         C = handle.num_channels if args.error is None else args.config.num_sms // 2
-        self._notify("combine", C, args.error, True)
         x, topk_weights = args.x, args.topk_weights
+        facts = None
+        if args.error is None:
+            k = topk_weights.shape[1] if topk_weights is not None else 0
+            facts = CallFacts(C, k, self.dtype_codes[x.dtype], False, (x.shape[1] * x.element_size(),))
+        self._notify("combine", C, args.error, True, facts)
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0
         row_bytes = _C.ReturnRowLayout(hidden * x.element_size(), k).bytes
