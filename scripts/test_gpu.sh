@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the package (with dispatch._cuda where nvcc is found) and runs only the GPU tests.
+# Builds the package (with dispatch._cuda where nvcc is found) and runs only the CUDA-backend tests,
+# each on the GPU and on the SIMT runtime (dispatch._simt, the same kernels on the CPU).
 # Meant for the lent GPU machine (torch+cu13, pybind11, cupy, NCCL preinstalled, no registry):
 #   bash scripts/test_gpu.sh            # extra pytest args pass through, e.g. -x -k graph
 set -euo pipefail

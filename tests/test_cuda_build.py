@@ -17,3 +17,17 @@ def test_cuda_module_imports_without_driver():
         pytest.skip("dispatch._cuda was not built (no nvcc at install time)")
     assert _cuda.device_count() >= 0
     assert _cuda.MAX_PEERS >= 8
+
+
+def test_simt_module_is_built():
+    """The SIMT build of the kernels is part of every install (g++ only): without it the CUDA
+    tests would skip instead of running, so its absence fails here unless DISPATCH_NO_SIMT=1."""
+    import os
+
+    from dispatch.cuda.device import simt_available
+    if os.environ.get("DISPATCH_NO_SIMT"):
+        pytest.skip("DISPATCH_NO_SIMT=1")
+    assert simt_available(), "dispatch._simt was not built: pip install --no-build-isolation -e ."
+    from dispatch import _simt
+    assert _simt.IS_SIMT and _simt.MAX_PEERS >= 8
+    assert set(_simt.DTYPE_CODES) >= {"float32", "bfloat16", "float16", "float64"}
