@@ -269,6 +269,9 @@ class Buffer:
             T = rows.shape[0]
             V.check_int("expert_alignment", expert_alignment, 1)
             V.check_int("num_worst_tokens", num_worst_tokens, 0)
+            if num_worst_tokens == 0 and not backend.may_read_values():
+                raise ValueError("num_worst_tokens must be > 0 under CUDA graph capture (the receive count "
+                                 "cannot reach the host)")
             E = self._num_experts(backend, num_tokens_per_expert, num_experts, topk_idx)
             if topk_idx is not None:
                 idx = V.check_topk_idx(topk_idx, E, T, device=backend.tensor_device,

@@ -206,8 +206,6 @@ class CudaBackend:
         self._error_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self.error.host_address)
         self._status_words = (ctypes.c_int32 * (STATUS_VERDICTS + mod.MAX_PEERS)).from_address(
             self.status.host_address)
-        # Modules built before the verdict exchange raise bad arguments locally only.
-        self._has_verdicts = hasattr(mod.NotifyArgs(), "status_out")
         self._agreed_facts: Dict[str, int] = {}  # per op: the facts word every rank last agreed on
 
     # --- configuration ---------------------------------------------------------------------------
@@ -321,11 +319,9 @@ class CudaBackend:
         A rank whose facts did not change takes no extra round; its peers then read its zero
         verdict as the old facts, so the rounds still pair up and every rank raises together.
         """
-        if error is not None and not self._has_verdicts:
-            raise error
         capturing = self.device.capturing()
         agreed = self._agreed_facts.get(op)
-        if error is None and facts is not None and self._has_verdicts and not capturing and facts.word() != agreed:
+        if error is None and facts is not None and not capturing and facts.word() != agreed:
             word = facts.word()
             self._launch_notify(num_channels, word, True)
             self._check_status(op, None, word, facts_round=True, agreed=agreed)
@@ -334,7 +330,7 @@ class CudaBackend:
         self._launch_notify(num_channels, verdict_code(error), barrier_only or bad, 0 if bad else num_tokens,
                             None if bad else chan_counts, None if bad else per_expert, 0 if bad else experts_per_rank,
                             alignment, None if bad else plan)
-        if not capturing and self._has_verdicts:  # under capture the device-side skip flag is the only guard
+        if not capturing:  # under capture the device-side skip flag is the only guard
             self._check_status(op, error, agreed if facts is not None else None, facts_round=False, agreed=None)
 
     def _launch_notify(self, num_channels: int, verdict: int, barrier_only: bool, num_tokens: int = 0,
@@ -350,11 +346,10 @@ class CudaBackend:
         a.expert_alignment = alignment
         a.plan = _ptr(plan)
         a.host_out = self.host_out.device_address if plan is not None else 0
-        if self._has_verdicts:
-            a.verdict = verdict
-            a.status_out = self.status.device_address
-            if not self.device.capturing():
-                ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
+        a.verdict = verdict
+        a.status_out = self.status.device_address
+        if not self.device.capturing():  # the host reads status_out only outside capture
+            ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
         self.mod.launch_notify(a, self.device.handle(self.stream))
 
     def _check_status(self, op: str, error: Optional[BaseException], my_facts: Optional[int], facts_round: bool,
@@ -454,14 +449,11 @@ class CudaBackend:
         worst = args.num_worst_tokens
         num_recv: Optional[int] = None
         per_expert_list: Optional[List[int]] = None
-        capturing = self.device.capturing()
-        if worst == 0 or not capturing:
-            if capturing or not self._has_verdicts:
-                self.stream.synchronize()  # the receive count (fails under capture: pass num_worst_tokens)
-                self.check_error()
+        if not self.device.capturing():  # notify's status wait made its counts visible (Buffer
+            # requires num_worst_tokens under capture)
             num_recv = int(self._host_words[0])
             per_expert_list = [int(self._host_words[1 + L + e]) for e in range(epr)]
-        if worst > 0 and num_recv is not None and self._has_verdicts:
+        if worst > 0 and num_recv is not None:
             # Every rank learns in this call whether any rank's receive tensors are too small.
             too_small = ValueError(f"num_worst_tokens={worst} is below the {num_recv} tokens rank {me} receives")
             self._notify("dispatch", C, too_small if num_recv > worst else None, True)

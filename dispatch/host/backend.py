@@ -27,10 +27,7 @@ DEFAULT_RDMA_BYTES = 512 << 20
 MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
-# Defined once in csrc/common and exported by the module (the table is for a module built
-# before that export).
-DTYPE_CODES = (dtype_codes(_C) if hasattr(_C, "DTYPE_CODES") else
-               {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4})
+DTYPE_CODES = dtype_codes(_C)  # defined once in csrc/common/codes.h, exported by the module
 
 
 class HostBackend:
