@@ -146,12 +146,14 @@ def test_worst_tokens_too_small_raises_on_every_rank(device):
     with loopback(device, L, timeout_s=5.0) as lb:
         def step(r, buf):
             x, idx = to_device(xs[r], device), to_device(idxs[r], device)
-            with pytest.raises(ValueError) as info:
-                buf.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=2, config=Config(num_sms=2))
+            with pytest.raises(ValueError) as info:  # rank 0's receive tensors are too small, rank 1's are not
+                buf.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=2 if r == 0 else 64,
+                             config=Config(num_sms=2))
             # still usable
             recv = buf.dispatch(x, topk_idx=idx, num_experts=E, num_worst_tokens=64, config=Config(num_sms=2))[0]
             return str(info.value), recv.cpu()
         res = lb.run(step)
+    assert "rank 0" in res[1][0]
     for d in range(L):
         assert "num_worst_tokens" in res[d][0]
         ref = reference_dispatch(xs, idxs, None, E, L, d)["recv_x"]

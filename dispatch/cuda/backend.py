@@ -484,12 +484,16 @@ class CudaBackend:
             per_expert_list = None
         return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, per_expert_list, handle, event)
 
-    def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
+    def _start_on_handle(self, args: Any) -> Tuple[CallOptions, Any, CudaHandle, int]:
+        """Start of a call along a dispatch's handle (cached dispatch, combine): the stream
+        ordered, and the handle's channels (any channel count serves a rejected call's notify)."""
         self.check_error()
-        options = args.options
-        compute = self._begin(options)
-        handle: CudaHandle = args.handle
-        C = handle.num_channels if args.error is None else args.config.num_sms // 2
+        compute = self._begin(args.options)
+        C = args.handle.num_channels if args.error is None else args.config.num_sms // 2
+        return args.options, compute, args.handle, C
+
+    def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
+        options, compute, handle, C = self._start_on_handle(args)
         x, scales = args.x, args.scales
         facts = None
         if args.error is None:
@@ -541,11 +545,7 @@ class CudaBackend:
     # --- combine ---------------------------------------------------------------------------------
     def combine(self, args: CombineArgs) -> CombineResult:
         """fp32 (fp64 for float64) sums in ascending source-rank order."""
-        self.check_error()
-        options = args.options
-        compute = self._begin(options)
-        handle: CudaHandle = args.handle
-        C = handle.num_channels if args.error is None else args.config.num_sms // 2
+        options, compute, handle, C = self._start_on_handle(args)
         x, topk_weights = args.x, args.topk_weights
         facts = None
         if args.error is None:
