@@ -27,7 +27,8 @@ _FALLBACK_CONFIG = Config(num_sms=2)
 
 def default_device_kind() -> str:
     """``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from .cuda.device import gpu_present
+    return "cuda" if gpu_present() else "cpu"
 
 
 def _device_kind(device: Union[None, str, torch.device]) -> Tuple[str, Optional[int]]:

@@ -102,16 +102,16 @@ class Loopback:
     def __init__(self, num_ranks: int, num_nvl_bytes: int = 64 << 20, timeout_s: float = 20.0,
                  device: Union[None, str, torch.device] = None, max_resident_blocks: int = 0) -> None:
         from .buffer import Buffer
-        from .cuda.device import SimtDevice, make_device
+        from .cuda.device import SimtDevice, gpu_present, make_device
 
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "simt"
+            device = "cuda" if gpu_present() else "simt"
         if isinstance(device, torch.device):
             kind, index = device.type, device.index
         else:
             kind, _, index_text = str(device).partition(":")
             index = int(index_text) if index_text else None
-        if kind == "cuda" and not torch.cuda.is_available():
+        if kind == "cuda" and not gpu_present():
             raise RuntimeError("the loopback harness on device='cuda' needs a CUDA GPU (device='simt' needs none)")
         if kind == "simt":
             SimtDevice.configure(max_resident_blocks=max_resident_blocks)  # process-wide, as the runtime is

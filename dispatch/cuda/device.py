@@ -38,12 +38,18 @@ def load_module(kind: str) -> Optional[Any]:
     return mod
 
 
+def gpu_present() -> bool:
+    """Whether torch sees a CUDA GPU (the default device of ``Buffer`` and ``Loopback``)."""
+    return torch.cuda.is_available()
+
+
 def simt_available() -> bool:
     return load_module("simt") is not None
 
 
 def gpu_available() -> bool:
-    return torch.cuda.is_available() and load_module("cuda") is not None
+    """A GPU and ``dispatch._cuda``: what ``device="cuda"`` needs."""
+    return gpu_present() and load_module("cuda") is not None
 
 
 class GpuDevice:
@@ -59,7 +65,7 @@ class GpuDevice:
         mod = load_module("cuda")
         if mod is None:
             raise RuntimeError("dispatch._cuda is not built (nvcc was not found at install time)")
-        if not torch.cuda.is_available():
+        if not gpu_present():
             raise RuntimeError("device='cuda' needs a CUDA GPU (torch.cuda.is_available() is False)")
         self.mod = mod
         self.torch_device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
