@@ -1,5 +1,6 @@
-"""Builds dispatch._C (the CPU backend: planner, shared memory, byte movers) and, where `nvcc` is
-found, dispatch._cuda (the CUDA backend). A failed CUDA build only warns: the CPU backend stands alone.
+"""Builds dispatch._C (the CPU backend: planner, shared memory, byte movers), dispatch._simt (the
+CUDA backend's kernels built by the C++ compiler against the CPU SIMT runtime, csrc/simt) and, where
+`nvcc` is found, dispatch._cuda (the same kernels for the GPU). A failed CUDA build only warns.
 """
 
 import glob
@@ -27,18 +28,33 @@ def _host_isa_flags():
     return ["-mavx2", "-mf16c"]
 
 
+# No fast-math and no FMA contraction: combine must add in exactly the reference's order and rounding.
+EXACT_MATH = ["-fno-fast-math", "-ffp-contract=off"]
+
 ext_modules = [
     Pybind11Extension(
         "dispatch._C",
         HOST_SOURCES,
         include_dirs=["csrc"],
         cxx_std=17,
-        # No fast-math and no FMA contraction: combine must add in exactly the reference's
-        # order and rounding.
-        extra_compile_args=["-O3", "-fno-fast-math", "-ffp-contract=off"] + _host_isa_flags(),
+        extra_compile_args=["-O3"] + EXACT_MATH + _host_isa_flags(),
         libraries=["rt"],
     )
 ]
+
+# --- the CUDA kernels on the CPU (dispatch._simt): same kernel files, same bindings, SIMT runtime.
+SIMT_RUNTIME_SOURCES = ["csrc/simt/scheduler.cpp", "csrc/simt/device_api.cpp", "csrc/simt/fiber.cpp"]
+ext_modules.append(
+    Pybind11Extension(
+        "dispatch._simt",
+        ["csrc/simt/kernels_simt.cpp"] + SIMT_RUNTIME_SOURCES + ["csrc/bindings/cuda_module.cpp"],
+        include_dirs=["csrc"],
+        cxx_std=17,
+        define_macros=[("DISPATCH_MODULE_NAME", "_simt")],
+        extra_compile_args=["-O2", "-pthread"] + EXACT_MATH,
+        extra_link_args=["-pthread"],
+    )
+)
 
 # --- CUDA backend (dispatch._cuda): kernels compiled by nvcc, bindings by the C++ compiler, cudart
 # linked statically so that importing the module needs no GPU driver. Skipped without nvcc
@@ -65,6 +81,7 @@ if CUDA_HOME is not None:
             ["csrc/bindings/cuda_module.cpp"],
             include_dirs=["csrc", os.path.join(CUDA_HOME, "include")],
             cxx_std=17,
+            define_macros=[("DISPATCH_WITH_NVCC", "1")],
             extra_compile_args=["-O2"],
             library_dirs=[os.path.join(CUDA_HOME, "lib64")],
             libraries=["cudart_static", "rt", "pthread", "dl"],
@@ -80,13 +97,16 @@ class BuildExt(build_ext):
             return super().build_extension(ext)
         try:
             objects = []
-            arch = os.environ.get("DISPATCH_CUDA_ARCH", "sm_90")
+            # sm_80 and sm_90 machine code plus sm_90 PTX (newer GPUs JIT it)
+            archs = os.environ.get("DISPATCH_CUDA_ARCHS", "80,90").split(",")
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
             for source in CUDA_SOURCES:
                 obj = os.path.join(self.build_temp, source.replace("/", "_") + ".o")
                 os.makedirs(os.path.dirname(obj), exist_ok=True)
                 # -fmad=false: combine adds in the reference's order and rounding, never fused.
                 cmd = [os.path.join(CUDA_HOME, "bin", "nvcc") if os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-                       else "nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-fmad=false", "-Xcompiler", "-fPIC",
+                       else "nvcc", "-std=c++17", "-O3", *gencode, "-fmad=false", "-Xcompiler", "-fPIC",
                        "-Icsrc", "-c", source, "-o", obj]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)

@@ -1,9 +1,20 @@
-// pybind11 bindings of the CUDA backend (dispatch._cuda). Like dispatch._C it takes raw addresses
-// (tensor.data_ptr()) and stream handles (torch.cuda.Stream.cuda_stream) as integers and needs no
-// torch headers; the CUDA runtime is linked statically, so importing needs no GPU driver.
+// pybind11 bindings of the CUDA backend: dispatch._cuda (kernels built by nvcc) and dispatch._simt
+// (the same kernels built by g++ against the SIMT runtime; DISPATCH_MODULE_NAME says which). Like
+// dispatch._C it takes raw addresses (tensor.data_ptr()) and stream handles as integers and needs
+// no torch headers; the CUDA runtime is linked statically, so importing needs no GPU driver.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "../common/codes.h"
 #include "../cuda/api.h"
+#include "../cuda/plan_view.h"
+#if !defined(DISPATCH_WITH_NVCC)
+#include "../simt/simt.h"
+#endif
+
+#ifndef DISPATCH_MODULE_NAME
+#define DISPATCH_MODULE_NAME _cuda
+#endif
 
 namespace py = pybind11;
 using namespace dispatch::cuda;
@@ -20,15 +31,59 @@ void set_peer(Args& args, int index, uint64_t address) {
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "dispatch CUDA backend: staging memory, IPC and in-node kernels";
+PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
+  m.doc() = "dispatch CUDA backend: staging memory, IPC, streams and in-node kernels";
   auto nogil = py::call_guard<py::gil_scoped_release>();
   m.attr("MAX_PEERS") = kMaxPeers;
   m.attr("MAX_CHANNELS") = kMaxChannels;
   m.attr("MAX_LOCAL_EXPERTS") = kMaxLocalExperts;
   m.attr("HEADER_BYTES") = kHeaderBytes;
+  m.attr("IS_SIMT") = is_simt();
   m.def("device_count", &device_count);
+  m.def("device_synchronize", &device_synchronize, nogil);
   m.def("preload_kernels", &preload_kernels);
+  m.def("resident_block_limit", &resident_block_limit, py::arg("threads_per_block") = kThreads);
+  m.attr("THREADS_PER_BLOCK") = kThreads;
+
+  py::dict dtype_codes, wait_kind_names;
+  for (const auto& d : dispatch::kDtypeNames) dtype_codes[d.torch_name] = static_cast<int>(d.code);
+  for (const auto& w : dispatch::kWaitKindNames) wait_kind_names[py::int_(static_cast<int>(w.kind))] = w.name;
+  m.attr("DTYPE_CODES") = dtype_codes;
+  m.attr("WAIT_KIND_NAMES") = wait_kind_names;
+
+  py::class_<PlanView>(m, "PlanView", "Offsets of the int32 plan that notify writes (plan_view.h).")
+      .def(py::init([](int L, int C, int experts_per_rank) { return PlanView{L, C, experts_per_rank}; }),
+           py::arg("num_ranks_per_node"), py::arg("num_channels"), py::arg("experts_per_rank"))
+      .def("num_recv", &PlanView::num_recv)
+      .def("recv_count", &PlanView::recv_count)
+      .def("recv_base", &PlanView::recv_base)
+      .def("src_num_tokens", &PlanView::src_num_tokens)
+      .def("recv_chan_count", &PlanView::recv_chan_count)
+      .def("send_chan_offset", &PlanView::send_chan_offset)
+      .def("expert_count", &PlanView::expert_count)
+      .def("size", &PlanView::size);
+
+  py::class_<Stream>(m, "Stream")
+      .def(py::init<>())
+      .def_property_readonly("handle", &Stream::handle)
+      .def("synchronize", &Stream::synchronize, nogil)
+      .def("wait_event", [](const Stream& s, const Event& e) { e.wait_on(s.handle()); });
+  py::class_<Event>(m, "Event")
+      .def(py::init<>())
+      .def("record", &Event::record, py::arg("stream"))
+      .def("synchronize", &Event::synchronize, nogil)
+      .def("query", &Event::query);
+#if !defined(DISPATCH_WITH_NVCC)
+  m.def("configure", [](int max_resident_blocks, uint64_t yield_seed, int yield_per_mille, double watchdog_s) {
+        if (max_resident_blocks < 0) throw py::value_error("max_resident_blocks must be >= 0");
+        if (yield_per_mille < 0 || yield_per_mille > 1000) throw py::value_error("yield_per_mille must be in [0, 1000]");
+        if (!(watchdog_s > 0)) throw py::value_error("watchdog_s must be positive");
+        simt::configure(simt::Options{max_resident_blocks, yield_seed, yield_per_mille, watchdog_s});
+      },
+      py::arg("max_resident_blocks") = 0, py::arg("yield_seed") = 0, py::arg("yield_per_mille") = 125,
+      py::arg("watchdog_s") = 600.0,
+      "SIMT runtime options: cap on resident blocks (0 = none), seeded random yields (0 = off), watchdog.");
+#endif
 
   py::class_<DeviceAllocation>(m, "DeviceAllocation")
       .def(py::init<int64_t>(), py::arg("size_bytes"))
@@ -54,7 +109,8 @@ PYBIND11_MODULE(_cuda, m) {
       .def("set_peer", &set_peer<NotifyArgs>) RW(NotifyArgs, rank) RW(NotifyArgs, num_ranks)
           RW(NotifyArgs, num_channels) RW(NotifyArgs, barrier_only) RW(NotifyArgs, num_tokens)
               RW(NotifyArgs, chan_counts) RW(NotifyArgs, per_expert) RW(NotifyArgs, experts_per_rank)
-                  RW(NotifyArgs, expert_alignment) RW(NotifyArgs, plan) RW(NotifyArgs, host_out) RW(NotifyArgs, wait);
+                  RW(NotifyArgs, expert_alignment) RW(NotifyArgs, plan) RW(NotifyArgs, host_out) RW(NotifyArgs, verdict)
+                      RW(NotifyArgs, status_out) RW(NotifyArgs, wait);
   py::class_<DispatchArgs>(m, "DispatchArgs")
       .def(py::init<>())
       .def("set_peer", &set_peer<DispatchArgs>) RW(DispatchArgs, rank) RW(DispatchArgs, num_ranks)

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "../common/codes.h"
 #include "../common/layout.h"
 #include "../common/plan.h"
 #include "../common/record.h"
@@ -113,6 +114,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bell"), py::arg("seen"), py::arg("timeout_s"), nogil);
 
   m.def("compute_layout", &layout_entry, nogil);
+  py::dict dtype_codes;
+  for (const auto& d : dispatch::kDtypeNames) dtype_codes[d.torch_name] = static_cast<int>(d.code);
+  m.attr("DTYPE_CODES") = dtype_codes;
   m.def("plan_dispatch_sends", &plan_entry, nogil);
 
   m.def(

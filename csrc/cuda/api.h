@@ -1,4 +1,5 @@
-// Host-side interface of the CUDA backend (dispatch._cuda). No CUDA or torch types appear here, so
+// Host-side interface of the CUDA backend (dispatch._cuda on a GPU, dispatch._simt on the SIMT
+// runtime: the same code). No CUDA or torch types appear here, so
 // the pybind11 bindings compile with a plain C++ compiler; every address is an integer
 // (tensor.data_ptr(), torch.cuda.Stream.cuda_stream).
 #pragma once
@@ -58,8 +59,45 @@ class MappedHostMemory {
   void* device_ = nullptr;
 };
 
+// A stream of the device (cudaStream_t as an integer: the `stream` of every launch_*). Destroyed
+// after its queued work.
+class Stream {
+ public:
+  Stream();
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  uintptr_t handle() const { return handle_; }
+  void synchronize() const;
+
+ private:
+  uintptr_t handle_ = 0;
+};
+
+// An event: recorded on a stream, waited on by the host or by another stream.
+class Event {
+ public:
+  Event();
+  ~Event();
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  void record(uintptr_t stream);
+  void synchronize() const;
+  bool query() const;  // true once the work before the last record() has finished
+  void wait_on(uintptr_t stream) const;  // `stream` waits for the last record()
+
+ private:
+  uintptr_t handle_ = 0;
+};
+
 int device_count();  // 0 when there is no driver or no device (never throws)
-void preload_kernels();  // loads every kernel of the module now (see kernels.cu)
+void device_synchronize();
+void preload_kernels();  // loads every kernel of the module now (see runtime.cu)
+// Blocks of `threads_per_block` threads that can be resident at once on the device (occupancy of
+// the in-node kernels times SMs on a GPU; the runtime's cap on SIMT): the loopback's virtual
+// ranks spin on each other, so all their blocks must fit.
+int resident_block_limit(int threads_per_block);
+bool is_simt();
 
 struct Peers {
   uint64_t ptr[kMaxPeers];
@@ -88,6 +126,8 @@ struct NotifyArgs {
   int experts_per_rank = 0, expert_alignment = 1;
   uint64_t plan = 0;         // int32 plan (see plan_view.h)
   uint64_t host_out = 0;     // device address of mapped int32: [0] num_recv, [1..1+L) counts, then experts
+  int verdict = 0;           // 0: my arguments are fine; else a code the host defines (the call is void)
+  uint64_t status_out = 0;   // device address of mapped int32[2 + kMaxPeers]: done, first bad rank, verdicts
   WaitArgs wait{};
 };
 

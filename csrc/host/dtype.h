@@ -5,9 +5,17 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/codes.h"
+
 namespace dispatch::host {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3, kBytes = 4 };
+enum class DType : int {
+  kFloat32 = kDtypeFloat32,
+  kBFloat16 = kDtypeBFloat16,
+  kFloat16 = kDtypeFloat16,
+  kFloat64 = kDtypeFloat64,
+  kBytes = kDtypeFloat8E4M3,  // FP8 rows: moved as bytes, never summed
+};
 
 inline int dtype_bytes(DType dtype) {
   switch (dtype) {
