@@ -190,8 +190,10 @@ def test_worst_tokens_cuda_graph(device):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("worst", [0, 64])
 @pytest.mark.parametrize("device", DEVICES)
-def test_timeout_names_missing_rank(device):
+def test_timeout_names_missing_rank(device, worst):
+    """A peer that never joins fails this very call (a full or a worst-token dispatch)."""
     from dispatch import Config, PeerTimeoutError
     L = 2
     with loopback(device, L, timeout_s=1.0) as lb:
@@ -201,7 +203,7 @@ def test_timeout_names_missing_rank(device):
             x = to_device(torch.randn(10, 64), device)
             idx = to_device(torch.randint(0, 4, (10, 2)), device)
             with pytest.raises(PeerTimeoutError) as info:
-                buf.dispatch(x, topk_idx=idx, num_experts=4, config=Config(num_sms=2))
+                buf.dispatch(x, topk_idx=idx, num_experts=4, num_worst_tokens=worst, config=Config(num_sms=2))
             return info.value.rank, str(info.value)
         rank, message = lb.run(step)[0]
     assert rank == 1 and "rank 1" in message and "barrier" in message

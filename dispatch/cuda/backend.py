@@ -69,13 +69,17 @@ class CallFacts:
     worst: bool
     detail: Tuple[int, ...]
 
-    FIELDS = ((0, 63, "num_sms"), (6, 63, "topk width"), (12, 7, "x dtype"),
-              (15, 1, "num_worst_tokens > 0"), (16, 0x3FFF, "x hidden size (or FP8 scales, num_experts)"))
+    # (shift, mask, name): channels - 1 | topk width | dtype | padded | hash of the rest
+    FIELDS = ((0, 127, "num_sms"), (7, 63, "topk width"), (13, 7, "x dtype"),
+              (16, 1, "num_worst_tokens > 0"), (17, 0x1FFF, "x hidden size (or FP8 scales, num_experts)"))
 
     def word(self) -> int:
-        digest = zlib.crc32(repr(self.detail).encode()) & 0x3FFF
-        return (FACTS_FLAG | ((self.num_channels - 1) & 63) | (self.num_topk & 63) << 6 | (self.dtype_code & 7) << 12
-                | int(self.worst) << 15 | digest << 16)
+        values = (self.num_channels - 1, self.num_topk, self.dtype_code, int(self.worst),
+                  zlib.crc32(repr(self.detail).encode()))
+        word = FACTS_FLAG
+        for (shift, mask, _), value in zip(self.FIELDS, values):
+            word |= (value & mask) << shift
+        return word
 
     @classmethod
     def differing(cls, mine: int, theirs: int) -> List[str]:
