@@ -31,7 +31,7 @@ DEVICE_KINDS = ("cpu", "cuda", "simt")
 # ranks, so every rank names the same argument. Append only: ranks must agree on the tuple.
 ARGUMENT_NAMES = ("arguments", "x", "topk_idx", "topk_weights", "is_token_in_rank", "num_tokens_per_rank",
                   "num_tokens_per_rdma_rank", "num_tokens_per_expert", "num_experts", "expert_alignment",
-                  "num_worst_tokens", "config", "num_sms", "handle", "bias", "num_nvl_bytes")
+                  "num_worst_tokens", "config", "num_sms", "handle", "bias", "num_nvl_bytes", "previous_event")
 
 
 @dataclass
@@ -229,4 +229,5 @@ def verdict_error(code: int, rank: int, op: str) -> Exception:
     """The error a rank raises for a peer's nonzero verdict ``code`` (see ``verdict_code``)."""
     argument = ARGUMENT_NAMES[((code - 1) // 2) % len(ARGUMENT_NAMES)]
     cls = TypeError if (code - 1) % 2 else ValueError
-    return cls(f"{op}: rank {rank} rejected its argument {argument!r} (see its error); nothing was sent")
+    what = "its arguments" if argument == ARGUMENT_NAMES[0] else f"its argument {argument!r}"
+    return cls(f"{op}: rank {rank} rejected {what} (see its error); nothing was sent")
