@@ -21,7 +21,7 @@ DEVICES = device_params()
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_layout_matches_reference(device):
-    cases = ((8, 8, 64, 300, 4), (16, 4, 32, 1, 2), (4, 4, 8, 0, 2), (64, 8, 256, 200 if device == "simt" else 4096, 8))
+    cases = ((8, 8, 64, 300, 4), (16, 4, 32, 1, 2), (4, 4, 8, 0, 2), (64, 8, 256, 4096, 8))
     with loopback(device, 1) as lb:
         for R, L, E, T, k in cases:
             idx = torch.randint(-1, E, (T, k))
@@ -60,8 +60,7 @@ def _case_params():
 @pytest.mark.parametrize("device,L,E,k,H,dtype,num_sms,nvl", _case_params())
 def test_dispatch_combine_matches_reference(device, L, E, k, H, dtype, num_sms, nvl):
     from dispatch import Config
-    max_tokens = 60 if device == "simt" else 200
-    xs, idxs, ws = inputs(L, E, k, H, dtype, seed=L * 100 + H, max_tokens=max_tokens)
+    xs, idxs, ws = inputs(L, E, k, H, dtype, seed=L * 100 + H)
     config = Config(num_sms=num_sms)
     kw = {"num_nvl_bytes": nvl} if nvl else {}
     with loopback(device, L, **kw) as lb:
@@ -100,7 +99,7 @@ def test_dispatch_combine_matches_reference(device, L, E, k, H, dtype, num_sms, 
 def test_fp8_and_cached_dispatch(device):
     from dispatch import Config
     L, E, k, H = 4, 16, 4, 300
-    xs, idxs, ws = inputs(L, E, k, H, None, seed=7, fp8=True, max_tokens=40 if device == "simt" else 200)
+    xs, idxs, ws = inputs(L, E, k, H, None, seed=7, fp8=True)
     with loopback(device, L) as lb:
         def step(r, buf):
             x, idx = to_device(xs[r], device), to_device(idxs[r], device)
@@ -214,7 +213,7 @@ def test_timeout_names_missing_rank(device, worst):
 def test_any_even_num_sms(device, num_sms):
     from dispatch import Config
     L, E, k, H = 2, 8, 2, 64
-    tokens = [90, 5] if device == "simt" else [333, 5]
+    tokens = [333, 5]
     xs, idxs, ws = inputs(L, E, k, H, torch.float32, seed=num_sms, tokens=tokens)
     with loopback(device, L) as lb:
         res = lb.run(lambda r, b: b.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device),
