@@ -181,7 +181,7 @@ class CudaBackend:
         L = topo.num_ranks_per_node
         staging_bytes = max(num_nvl_bytes or DEFAULT_NVL_BYTES, mod.HEADER_BYTES + MIN_RING_BYTES)
         with device.scope():
-            # load the kernels before any can spin (lazy loading drains the device, see kernels.cu)
+            # load the kernels before any can spin (lazy loading drains the device, see csrc/cuda/runtime.cu)
             mod.preload_kernels()
             self.staging = mod.DeviceAllocation(staging_bytes)
             self.host_out = mod.MappedHostMemory(4 * (1 + L + mod.MAX_LOCAL_EXPERTS))
