@@ -36,10 +36,11 @@ def _device_kind(device: Union[None, str, torch.device]) -> Tuple[str, Optional[
     if device is None:
         return default_device_kind(), None
     if isinstance(device, torch.device):
-        return device.type, device.index
-    if not isinstance(device, str):
+        kind, index = device.type, ("" if device.index is None else str(device.index))
+    elif isinstance(device, str):
+        kind, _, index = device.partition(":")
+    else:
         raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
-    kind, _, index = device.partition(":")
     if kind not in DEVICE_KINDS or (index and not index.isdigit()):
         raise ValueError(f"device must be one of {DEVICE_KINDS} (or 'cuda:<index>'), got {device!r}")
     return kind, int(index) if index else None

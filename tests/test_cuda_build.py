@@ -31,3 +31,16 @@ def test_simt_module_is_built():
     from dispatch import _simt
     assert _simt.IS_SIMT and _simt.MAX_PEERS >= 8
     assert set(_simt.DTYPE_CODES) >= {"float32", "bfloat16", "float16", "float64"}
+
+
+def test_device_keyword_is_checked():
+    """Buffer's ``device`` names the backend; anything else fails before any collective."""
+    import torch
+
+    from dispatch import Buffer
+    with pytest.raises(ValueError, match="device must be one of"):
+        Buffer(None, device="tpu")
+    with pytest.raises(TypeError, match="device must be None"):
+        Buffer(None, device=3)
+    with pytest.raises(ValueError, match="device must be one of"):
+        Buffer(None, device=torch.device("meta"))
