@@ -478,12 +478,25 @@ def failures(results: Dict[str, List[Tuple[str, str]]], *, tags: Sequence[str] =
 
 
 def cuda_device_params() -> List[Any]:
-    """``pytest.param`` per device; a device that is missing is a skip that says why."""
+    """``pytest.param`` per device; a device that is missing is a skip that says why.
+
+    ``DISPATCH_TEST_DEVICES`` (e.g. ``cuda``) restricts the run to the devices it names:
+    ``scripts/test_gpu.sh`` runs each device in a process of its own.
+    """
+    import os
+
     import pytest
 
     from dispatch.cuda.device import gpu_available, simt_available
-    return [pytest.param("simt", marks=pytest.mark.skipif(not simt_available(), reason="dispatch._simt was not built")),
-            pytest.param("cuda", marks=pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU and dispatch._cuda"))]
+    wanted = os.environ.get("DISPATCH_TEST_DEVICES")
+    chosen = set(wanted.split(",")) if wanted else {"simt", "cuda"}
+    unavailable = {"simt": None if simt_available() else "dispatch._simt was not built",
+                   "cuda": None if gpu_available() else "needs a CUDA GPU and dispatch._cuda"}
+    params = []
+    for device in ("simt", "cuda"):
+        reason = unavailable[device] if device in chosen else f"not in DISPATCH_TEST_DEVICES={wanted}"
+        params.append(pytest.param(device, marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
+    return params
 
 
 def torch_device(device: str) -> torch.device:

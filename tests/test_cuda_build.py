@@ -11,12 +11,12 @@ def test_import_dispatch_needs_no_gpu():
 
 
 def test_cuda_module_imports_without_driver():
-    try:
-        from dispatch import _cuda
-    except ImportError:
+    from dispatch.cuda.device import module_built
+    if not module_built("cuda"):
         pytest.skip("dispatch._cuda was not built (no nvcc at install time)")
-    assert _cuda.device_count() >= 0
-    assert _cuda.MAX_PEERS >= 8
+    # in a process of its own: see test_both_modules_load_in_one_process
+    subprocess.check_call([sys.executable, "-c", "from dispatch import _cuda as m; "
+                           "assert m.device_count() >= 0 and m.MAX_PEERS >= 8 and not m.IS_SIMT"])
 
 
 def test_simt_module_is_built():
@@ -28,9 +28,20 @@ def test_simt_module_is_built():
     if os.environ.get("DISPATCH_NO_SIMT"):
         pytest.skip("DISPATCH_NO_SIMT=1")
     assert simt_available(), "dispatch._simt was not built: pip install --no-build-isolation -e ."
-    from dispatch import _simt
-    assert _simt.IS_SIMT and _simt.MAX_PEERS >= 8
-    assert set(_simt.DTYPE_CODES) >= {"float32", "bfloat16", "float16", "float64"}
+    # in a process of its own: see test_both_modules_load_in_one_process
+    subprocess.check_call([sys.executable, "-c", "from dispatch import _simt as m; "
+                           "assert m.IS_SIMT and m.MAX_PEERS >= 8; "
+                           "assert set(m.DTYPE_CODES) >= {'float32', 'bfloat16', 'float16', 'float64'}"])
+
+
+@pytest.mark.xfail(strict=True, reason="the pybind11 types of dispatch._cuda and dispatch._simt collide (same C++ "
+                                       "names, not py::module_local): a process can load only one of them")
+def test_both_modules_load_in_one_process():
+    """A GPU test run parametrized over both devices loads both modules in one process."""
+    from dispatch.cuda.device import module_built
+    if not (module_built("cuda") and module_built("simt")):
+        pytest.skip("needs both dispatch._cuda (nvcc) and dispatch._simt built")
+    subprocess.check_call([sys.executable, "-c", "import dispatch._cuda, dispatch._simt"])
 
 
 def test_device_keyword_is_checked():

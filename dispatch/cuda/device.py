@@ -15,6 +15,8 @@ No ``torch.cuda`` call lives outside ``GpuDevice``.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 from typing import Any, ContextManager, List, Optional, Tuple
 
 import torch
@@ -26,16 +28,21 @@ KERNEL_THREADS = 512
 SIMT_SM_COUNT = 132
 
 
+MODULES = {"cuda": "dispatch._cuda", "simt": "dispatch._simt"}
+
+
+def module_built(kind: str) -> bool:
+    """Whether the extension of ``kind`` exists, without loading it."""
+    return importlib.util.find_spec(MODULES[kind]) is not None
+
+
 def load_module(kind: str) -> Optional[Any]:
-    """``dispatch._cuda`` (kind ``"cuda"``) or ``dispatch._simt`` (``"simt"``), or None when not built."""
-    try:
-        if kind == "simt":
-            from .. import _simt as mod
-        else:
-            from .. import _cuda as mod
-    except ImportError:
+    """``dispatch._cuda`` (kind ``"cuda"``) or ``dispatch._simt`` (``"simt"``), or None when not
+    built. A module that exists but fails to load raises its ImportError (it must not pass for
+    "not built")."""
+    if not module_built(kind):
         return None
-    return mod
+    return importlib.import_module(MODULES[kind])
 
 
 def gpu_present() -> bool:
@@ -44,12 +51,13 @@ def gpu_present() -> bool:
 
 
 def simt_available() -> bool:
-    return load_module("simt") is not None
+    """``dispatch._simt`` was built (it is not loaded here)."""
+    return module_built("simt")
 
 
 def gpu_available() -> bool:
     """A GPU and ``dispatch._cuda``: what ``device="cuda"`` needs."""
-    return gpu_present() and load_module("cuda") is not None
+    return gpu_present() and module_built("cuda")
 
 
 class GpuDevice:
