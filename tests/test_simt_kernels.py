@@ -12,22 +12,16 @@ built here (g++, cached under ``build/simt-tests/<hash of the sources>``):
 
 from __future__ import annotations
 
-import concurrent.futures
-import hashlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_SOURCES = ["csrc/simt/scheduler.cpp", "csrc/simt/device_api.cpp", "csrc/simt/fiber.cpp"]
-KERNEL_SOURCE = "csrc/simt/kernels_simt.cpp"
-DRIVER_SOURCE = "tests/simt/kernel_driver.cpp"
-CXX = os.environ.get("CXX", "g++")
-COMMON_FLAGS = ["-std=c++17", "-O1", "-g", f"-I{ROOT / 'csrc'}", "-pthread", "-ffp-contract=off"]
+from tests.simt.build import CXX, SimtBuilds
+
 TSAN_EXIT_CODE = 66
 BAD_VARIANTS = {
     1: "plain tail store instead of a release",
@@ -41,55 +35,6 @@ SMALL_STAGING = 512 * 1024 + 1024
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
 
 
-def _source_hash() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "csrc").rglob("*")) + [ROOT / DRIVER_SOURCE]:
-        if path.is_file():
-            digest.update(str(path.relative_to(ROOT)).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _compile(source: str, obj: Path, flags: List[str]) -> None:
-    subprocess.run([CXX, *COMMON_FLAGS, *flags, "-c", str(ROOT / source), "-o", str(obj)], check=True,
-                   capture_output=True, text=True)
-
-
-class DriverBuilds:
-    """Builds the driver variants once per source tree; runtime and driver objects are shared."""
-
-    def __init__(self) -> None:
-        self.dir = ROOT / "build" / "simt-tests" / _source_hash()
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def build_all(self, variants: Dict[str, List[str]]) -> Dict[str, Path]:
-        jobs = []
-        for kind, runtime_flags in (("plain", []), ("tsan", ["-DSIMT_TSAN"])):
-            for source in RUNTIME_SOURCES:
-                # the runtime itself is never instrumented: its bookkeeping is not the kernels' data
-                jobs.append((source, self.dir / f"{kind}-{Path(source).stem}.o", runtime_flags))
-        for kind, flags in (("plain", []), ("tsan", ["-fsanitize=thread", "-Wno-tsan"])):
-            jobs.append((DRIVER_SOURCE, self.dir / f"{kind}-driver.o", flags))
-        for name, flags in variants.items():
-            jobs.append((KERNEL_SOURCE, self.dir / f"{name}-kernels.o", flags))
-        todo = [job for job in jobs if not job[1].exists()]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            for future in [pool.submit(_compile, *job) for job in todo]:
-                future.result()
-        binaries = {}
-        for name, flags in variants.items():
-            kind = "tsan" if "-fsanitize=thread" in flags else "plain"
-            binary = self.dir / name
-            if not binary.exists():
-                objects = [self.dir / f"{kind}-{Path(s).stem}.o" for s in RUNTIME_SOURCES]
-                objects += [self.dir / f"{kind}-driver.o", self.dir / f"{name}-kernels.o"]
-                link = [CXX, "-pthread"] + (["-fsanitize=thread"] if kind == "tsan" else [])
-                subprocess.run(link + [str(o) for o in objects] + ["-o", str(binary)], check=True,
-                               capture_output=True, text=True)
-            binaries[name] = binary
-        return binaries
-
-
 TSAN = ["-fsanitize=thread", "-Wno-tsan"]
 VARIANTS = {"plain": [], "tsan": TSAN}
 VARIANTS.update({f"bad{v}": TSAN + [f"-DDISPATCH_BAD_VARIANT={v}"] for v in BAD_VARIANTS})
@@ -98,7 +43,7 @@ VARIANTS.update({f"bad{v}": TSAN + [f"-DDISPATCH_BAD_VARIANT={v}"] for v in BAD_
 @pytest.fixture(scope="module")
 def drivers() -> Dict[str, Path]:
     try:
-        return DriverBuilds().build_all(VARIANTS)
+        return SimtBuilds().kernel_drivers(VARIANTS)
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"building the kernel driver failed:\n{exc.stderr}")
 

@@ -35,7 +35,7 @@
   type* name = static_cast<type*>(::simt::block_shared(&name##_shared_key, sizeof(type) * (count)))
 #define DISPATCH_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::simt::dynamic_shared())
 #define DISPATCH_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::simt::launch((stream), dim3(grid), dim3(block), (smem), [=] { kernel(__VA_ARGS__); }, #kernel)
+  ::simt::launch_kernel((stream), dim3(grid), dim3(block), (smem), #kernel, kernel, ##__VA_ARGS__)
 #endif
 
 namespace dispatch::port {

@@ -71,6 +71,12 @@ using KernelBody = std::function<void()>;
 // Queues the grid on `stream` (nullptr: the legacy default stream). Blocks run when the stream
 // reaches the grid; the call returns at once, as a CUDA launch does.
 void launch(void* stream, Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, KernelBody body, const char* name);
+// A kernel launch: the arguments are evaluated (copied) now, as <<<>>> does.
+template <typename Kernel, typename... Args>
+void launch_kernel(void* stream, Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, const char* name, Kernel kernel,
+                   Args... args) {
+  launch(stream, grid, block, dynamic_shared_bytes, [=] { kernel(args...); }, name);
+}
 // Blocks that may be resident at once (options().max_resident_blocks, or a very large number).
 int resident_block_limit();
 
