@@ -132,10 +132,10 @@ class HostBackend:
 
     # --- dispatch ------------------------------------------------------------------------
     def full_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
-                 topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
-                 num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
-                 num_experts: int, expert_alignment: int, num_worst_tokens: int, chunk_tokens: Optional[int],
-                 num_threads: int, error: Optional[BaseException]):
+                      topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
+                      num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
+                      num_experts: int, expert_alignment: int, num_worst_tokens: int, chunk_tokens: Optional[int],
+                      num_threads: int, error: Optional[BaseException]):
         """Full dispatch. Returns (recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
         num_recv_tokens_per_expert_list, handle)."""
         topo = self.topo
@@ -212,7 +212,7 @@ class HostBackend:
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
 
     def resend(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
-                        num_threads: int, error: Optional[BaseException]):
+               num_threads: int, error: Optional[BaseException]):
         """Re-sends a new ``x`` along ``handle``'s routes. Returns (recv_x, recv_scales)."""
         header = {}
         if error is None:
@@ -253,8 +253,8 @@ class HostBackend:
 
     # --- combine -------------------------------------------------------------------------
     def reduce(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
-                bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
-                error: Optional[BaseException], round_rail_partials: bool = False):
+               bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
+               error: Optional[BaseException], round_rail_partials: bool = False):
         """Returns (combined_x, combined_topk_weights). With ``round_rail_partials``, remote
         partials cross the rail rounded to ``x.dtype`` when that is a 16-bit type."""
         partial_dtype = -1
