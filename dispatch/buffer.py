@@ -245,6 +245,8 @@ class Buffer:
             num_experts: ``E`` when ``num_tokens_per_expert`` is not given.
             config: SM (CPU: thread) budget and chunking (default: ``Buffer.num_sms``).
             previous_event / async_finish / allocate_on_comm_stream: DeepEP's stream arguments.
+                Outside graph capture the argument checks read values (expert ids, the layout)
+                after ``previous_event``: the compute stream waits for it first.
 
         Returns:
             recv_x: received rows (a pair for FP8), ordered by source rank then source token.
@@ -267,6 +269,10 @@ class Buffer:
         try:
             options = self._options(previous_event, async_finish, allocate_on_comm_stream)
             run_config = self._config(backend, config)
+            if previous_event is not None and backend.may_read_values():
+                # The checks below read argument values on the compute stream (and the host);
+                # some may still be written by the work previous_event marks (an async layout).
+                previous_event.current_stream_wait()
             rows, scales = V.split_x(x, device=backend.tensor_device)
             T = rows.shape[0]
             V.check_int("expert_alignment", expert_alignment, 1)

@@ -117,18 +117,20 @@ def test_fp8_and_cached_dispatch(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_worst_tokens_and_async(device):
     """num_worst_tokens pads with zeros / -1; async_finish returns a real event the caller
-    waits on; allocate_on_comm_stream gives the same results."""
+    waits on (and a later call may start after, previous_event); allocate_on_comm_stream gives
+    the same results."""
     from dispatch import Config
     L, E, k, H, W = 4, 16, 4, 64, 160
     xs, idxs, ws = inputs(L, E, k, H, torch.bfloat16, seed=11, tokens=[50, 17, 0, 60])
     with loopback(device, L) as lb:
         def step(r, buf):
             x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
-            layout = buf.get_dispatch_layout(idx, E)
+            # an async layout; the dispatch is ordered after its event (previous_event)
+            layout = buf.get_dispatch_layout(idx, E, async_finish=True)
             cfg = Config(num_sms=4)
             recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
                 x, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2],
-                topk_idx=idx, topk_weights=w, num_worst_tokens=W, config=cfg)
+                topk_idx=idx, topk_weights=w, num_worst_tokens=W, config=cfg, previous_event=layout[4])
             out, out_w, _ = buf.combine(recv_x, handle, topk_weights=recv_w, config=cfg)
             a_x, _, _, _, _, event = buf.dispatch(x, topk_idx=idx, num_experts=E, config=cfg, async_finish=True,
                                                   allocate_on_comm_stream=True)
