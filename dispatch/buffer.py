@@ -186,6 +186,14 @@ class Buffer:
                 cols: Optional[int] = None) -> torch.Tensor:
         return V.check_tensor(name, value, dtypes, dim, rows, cols, device=backend.tensor_device)
 
+    @staticmethod
+    def _values_ready(backend: Backend, previous_event: Optional[EventOverlap]) -> None:
+        """Argument checks read values on the compute stream (and the host), outside graph
+        capture; some may still be written by the work ``previous_event`` marks (an async
+        layout): the compute stream waits for it first."""
+        if previous_event is not None and backend.may_read_values():
+            previous_event.current_stream_wait()
+
     def _handle(self, backend: Backend, handle: object) -> Any:
         if not isinstance(handle, backend.handle_type):
             raise TypeError(f"handle must come from this Buffer's dispatch, got {type(handle).__name__}")
@@ -211,9 +219,10 @@ class Buffer:
         """
         backend = self._live_backend()
         V.check_num_experts(num_experts, self.topology.num_ranks)
+        options = self._options(previous_event, async_finish, allocate_on_comm_stream)
+        self._values_ready(backend, previous_event)
         idx = V.check_topk_idx(topk_idx, num_experts, device=backend.tensor_device,
                                read_values=backend.may_read_values())
-        options = self._options(previous_event, async_finish, allocate_on_comm_stream)
         out = backend.layout(idx, num_experts, self._config(backend, None), options)
         return (out.num_tokens_per_rank, out.num_tokens_per_rdma_rank, out.num_tokens_per_expert,
                 out.is_token_in_rank, out.event)
@@ -269,10 +278,7 @@ class Buffer:
         try:
             options = self._options(previous_event, async_finish, allocate_on_comm_stream)
             run_config = self._config(backend, config)
-            if previous_event is not None and backend.may_read_values():
-                # The checks below read argument values on the compute stream (and the host);
-                # some may still be written by the work previous_event marks (an async layout).
-                previous_event.current_stream_wait()
+            self._values_ready(backend, previous_event)
             rows, scales = V.split_x(x, device=backend.tensor_device)
             T = rows.shape[0]
             V.check_int("expert_alignment", expert_alignment, 1)
