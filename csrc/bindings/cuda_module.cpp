@@ -1,4 +1,5 @@
-// pybind11 bindings of the CUDA backend: dispatch._cuda (kernels built by nvcc) and dispatch._simt
+// pybind11 bindings of the CUDA backend (every type module_local: both modules bind the same C++
+// types and may be loaded in one process): dispatch._cuda (kernels built by nvcc) and dispatch._simt
 // (the same kernels built by g++ against the SIMT runtime; DISPATCH_MODULE_NAME says which). Like
 // dispatch._C it takes raw addresses (tensor.data_ptr()) and stream handles as integers and needs
 // no torch headers; the CUDA runtime is linked statically, so importing needs no GPU driver.
@@ -51,7 +52,7 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
   m.attr("DTYPE_CODES") = dtype_codes;
   m.attr("WAIT_KIND_NAMES") = wait_kind_names;
 
-  py::class_<PlanView>(m, "PlanView", "Offsets of the int32 plan that notify writes (plan_view.h).")
+  py::class_<PlanView>(m, "PlanView", py::module_local(), "Offsets of the int32 plan that notify writes (plan_view.h).")
       .def(py::init([](int L, int C, int experts_per_rank) { return PlanView{L, C, experts_per_rank}; }),
            py::arg("num_ranks_per_node"), py::arg("num_channels"), py::arg("experts_per_rank"))
       .def("num_recv", &PlanView::num_recv)
@@ -63,12 +64,12 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
       .def("expert_count", &PlanView::expert_count)
       .def("size", &PlanView::size);
 
-  py::class_<Stream>(m, "Stream")
+  py::class_<Stream>(m, "Stream", py::module_local())
       .def(py::init<>())
       .def_property_readonly("handle", &Stream::handle)
       .def("synchronize", &Stream::synchronize, nogil)
       .def("wait_event", [](const Stream& s, const Event& e) { e.wait_on(s.handle()); });
-  py::class_<Event>(m, "Event")
+  py::class_<Event>(m, "Event", py::module_local())
       .def(py::init<>())
       .def("record", &Event::record, py::arg("stream"))
       .def("synchronize", &Event::synchronize, nogil)
@@ -85,33 +86,33 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
       "SIMT runtime options: cap on resident blocks (0 = none), seeded random yields (0 = off), watchdog.");
 #endif
 
-  py::class_<DeviceAllocation>(m, "DeviceAllocation")
+  py::class_<DeviceAllocation>(m, "DeviceAllocation", py::module_local())
       .def(py::init<int64_t>(), py::arg("size_bytes"))
       .def_property_readonly("address", &DeviceAllocation::address)
       .def_property_readonly("size_bytes", &DeviceAllocation::size_bytes)
       .def("ipc_handle", [](const DeviceAllocation& a) { return py::bytes(a.ipc_handle()); });
-  py::class_<PeerMapping>(m, "PeerMapping")
+  py::class_<PeerMapping>(m, "PeerMapping", py::module_local())
       .def(py::init([](py::bytes handle) { return new PeerMapping(std::string(handle)); }), py::arg("handle"))
       .def_property_readonly("address", &PeerMapping::address);
-  py::class_<MappedHostMemory>(m, "MappedHostMemory")
+  py::class_<MappedHostMemory>(m, "MappedHostMemory", py::module_local())
       .def(py::init<int64_t>(), py::arg("size_bytes"))
       .def_property_readonly("host_address", &MappedHostMemory::host_address)
       .def_property_readonly("device_address", &MappedHostMemory::device_address);
 
-  py::class_<WaitArgs>(m, "WaitArgs").def(py::init<>()) RW(WaitArgs, timeout_ns) RW(WaitArgs, error);
-  py::class_<LayoutArgs>(m, "LayoutArgs")
+  py::class_<WaitArgs>(m, "WaitArgs", py::module_local()).def(py::init<>()) RW(WaitArgs, timeout_ns) RW(WaitArgs, error);
+  py::class_<LayoutArgs>(m, "LayoutArgs", py::module_local())
       .def(py::init<>()) RW(LayoutArgs, topk_idx) RW(LayoutArgs, num_tokens) RW(LayoutArgs, num_topk)
           RW(LayoutArgs, num_ranks) RW(LayoutArgs, num_ranks_per_node) RW(LayoutArgs, num_experts)
               RW(LayoutArgs, num_blocks) RW(LayoutArgs, per_rank) RW(LayoutArgs, per_node)
                   RW(LayoutArgs, per_expert) RW(LayoutArgs, in_rank);
-  py::class_<NotifyArgs>(m, "NotifyArgs")
+  py::class_<NotifyArgs>(m, "NotifyArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<NotifyArgs>) RW(NotifyArgs, rank) RW(NotifyArgs, num_ranks)
           RW(NotifyArgs, num_channels) RW(NotifyArgs, barrier_only) RW(NotifyArgs, num_tokens)
               RW(NotifyArgs, chan_counts) RW(NotifyArgs, per_expert) RW(NotifyArgs, experts_per_rank)
                   RW(NotifyArgs, expert_alignment) RW(NotifyArgs, plan) RW(NotifyArgs, host_out) RW(NotifyArgs, verdict)
                       RW(NotifyArgs, status_out) RW(NotifyArgs, wait);
-  py::class_<DispatchArgs>(m, "DispatchArgs")
+  py::class_<DispatchArgs>(m, "DispatchArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<DispatchArgs>) RW(DispatchArgs, rank) RW(DispatchArgs, num_ranks)
           RW(DispatchArgs, num_channels) RW(DispatchArgs, num_topk) RW(DispatchArgs, num_tokens)
@@ -122,7 +123,7 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
                               RW(DispatchArgs, recv_topk_weights) RW(DispatchArgs, recv_src_rank)
                                   RW(DispatchArgs, recv_src_token) RW(DispatchArgs, expert_begin)
                                       RW(DispatchArgs, experts_per_rank) RW(DispatchArgs, wait);
-  py::class_<CombineArgs>(m, "CombineArgs")
+  py::class_<CombineArgs>(m, "CombineArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<CombineArgs>) RW(CombineArgs, rank) RW(CombineArgs, num_ranks)
           RW(CombineArgs, num_channels) RW(CombineArgs, num_topk) RW(CombineArgs, dtype) RW(CombineArgs, num_tokens)

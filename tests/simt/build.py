@@ -15,7 +15,7 @@ RUNTIME_SOURCES = ["csrc/simt/scheduler.cpp", "csrc/simt/device_api.cpp", "csrc/
 KERNEL_SOURCE = "csrc/simt/kernels_simt.cpp"
 DRIVER_SOURCE = "tests/simt/kernel_driver.cpp"
 CXX = os.environ.get("CXX", "g++")
-COMMON_FLAGS = ["-std=c++17", "-O1", "-g", f"-I{ROOT / 'csrc'}", "-pthread", "-ffp-contract=off"]
+COMMON_FLAGS = ["-std=c++17", "-O1", "-g1", f"-I{ROOT / 'csrc'}", "-pthread", "-ffp-contract=off"]
 
 def _source_hash() -> str:
     digest = hashlib.sha256()

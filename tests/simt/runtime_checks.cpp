@@ -3,7 +3,7 @@
 // progress while spinning on each other; a barrier deadlock and a stuck spin-wait are reported
 // naming the kernel, block and warp instead of hanging; the resident-block cap holds.
 //
-//   runtime_checks collectives | concurrent_grids | deadlock | watchdog | resident_cap
+//   runtime_checks collectives | concurrent_grids | deadlock | watchdog | resident_cap | bench
 // Prints "OK" (exit 0) when the case behaved; "FAIL: ..." (exit 1) otherwise. The deadlock and
 // watchdog cases print the runtime's report.
 #include <atomic>
@@ -51,6 +51,13 @@ __global__ void chain_kernel(uint64_t* flags, int num_blocks) {
   port::st_release(flags + b, 1);
 }
 
+// Every block arrives, then waits for all: completes only if the whole grid is resident at once.
+__global__ void grid_barrier_kernel(int* arrived, int num_blocks) {
+  if (threadIdx.x != 0) return;
+  atomicAdd(arrived, 1);
+  while (__atomic_load_n(arrived, __ATOMIC_ACQUIRE) < num_blocks) port::spin_pause();
+}
+
 // Lane 0 waits at __syncthreads while its warp-mates wait for it at __syncwarp: a deadlock.
 __global__ void deadlock_kernel() {
   if (threadIdx.x == 0) __syncthreads();
@@ -59,6 +66,16 @@ __global__ void deadlock_kernel() {
 
 __global__ void spin_forever_kernel(const uint64_t* never) {
   while (port::ld_acquire(never) == 0) port::spin_pause();
+}
+
+__global__ void barrier_loop_kernel(int rounds) {
+  for (int i = 0; i < rounds; ++i) __syncthreads();
+}
+
+__global__ void shuffle_loop_kernel(int rounds, int* sink) {
+  int value = threadIdx.x;
+  for (int i = 0; i < rounds; ++i) value = __shfl_sync(0xffffffffu, value, (threadIdx.x + 1) % 32);
+  if (value < 0) *sink = value;
 }
 
 cudaStream_t new_stream() {
@@ -131,16 +148,39 @@ int watchdog() {
 }
 
 int resident_cap() {
-  // a 4-block chain needs 4 resident blocks: with a cap of 2 it can only stall (watchdog report)
+  // a grid barrier over 2 blocks passes; over 4 blocks, with 2 resident at most, it can only stall
   simt::Options options = simt::options();
   options.max_resident_blocks = 2;
   options.watchdog_s = 1.0;
   simt::configure(options);
-  std::vector<uint64_t> flags(4, 0);
+  int arrived[2] = {0, 0};
   cudaStream_t stream = new_stream();
-  DISPATCH_LAUNCH(chain_kernel, 4, 32, 0, stream, flags.data(), 4);
-  if (cudaStreamSynchronize(stream) != cudaErrorLaunchFailure) return fail("a 4-block chain finished with 2 resident blocks");
+  DISPATCH_LAUNCH(grid_barrier_kernel, 2, 32, 0, stream, &arrived[0], 2);
+  if (cudaStreamSynchronize(stream) != cudaSuccess) return fail("a 2-block grid barrier failed with 2 resident blocks");
+  DISPATCH_LAUNCH(grid_barrier_kernel, 4, 32, 0, stream, &arrived[1], 4);
+  if (cudaStreamSynchronize(stream) != cudaErrorLaunchFailure) return fail("a 4-block grid barrier passed with 2 resident blocks");
   if (simt::resident_block_limit() != 2) return fail("resident_block_limit() does not report the cap");
+  return 0;
+}
+
+// Cost of the runtime's collectives (bench/simt_runtime.py prints these).
+int bench() {
+  cudaStream_t stream = new_stream();
+  int sink = 0;
+  auto time_us = [&](auto&& launch_once) {
+    const uint64_t start = simt::global_timer_ns();
+    launch_once();
+    cudaStreamSynchronize(stream);
+    return (simt::global_timer_ns() - start) / 1e3;
+  };
+  const int rounds = 200;
+  const double empty_us = time_us([&] { DISPATCH_LAUNCH(barrier_loop_kernel, 1, 512, 0, stream, 0); });
+  const double barrier_us = time_us([&] { DISPATCH_LAUNCH(barrier_loop_kernel, 1, 512, 0, stream, rounds); });
+  const double shuffle_us = time_us([&] { DISPATCH_LAUNCH(shuffle_loop_kernel, 1, 32, 0, stream, rounds, &sink); });
+  std::printf("launch_512_threads_us %.1f\n", empty_us);
+  std::printf("syncthreads_512_threads_us %.2f\n", (barrier_us - empty_us) / rounds);
+  std::printf("shfl_sync_32_threads_us %.2f\n", shuffle_us / rounds);
+  cudaStreamDestroy(stream);
   return 0;
 }
 
@@ -154,6 +194,7 @@ int main(int argc, char** argv) {
   else if (which == "deadlock") rc = deadlock();
   else if (which == "watchdog") rc = watchdog();
   else if (which == "resident_cap") rc = resident_cap();
+  else if (which == "bench") rc = bench();
   else {
     std::fprintf(stderr, "usage: %s collectives|concurrent_grids|deadlock|watchdog|resident_cap\n", argv[0]);
     return 2;
