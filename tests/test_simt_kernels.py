@@ -48,7 +48,7 @@ def drivers() -> Dict[str, Path]:
         pytest.fail(f"building the kernel driver failed:\n{exc.stderr}")
 
 
-def _run(binary: Path, L: int, T: int, H: int, k: int, E: int, num_sms: int, staging: int, timeout_s: float = 10.0,
+def _run(binary: Path, L: int, T: int, H: int, k: int, E: int, num_sms: int, staging: int, timeout_s: float = 30.0,
          seed: int = 1, iterations: int = 1, yield_seed: Optional[int] = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # halt_on_error=0: every report is printed; exitcode: a report makes the run fail
@@ -72,8 +72,9 @@ def test_thread_sanitizer_sees_no_race(drivers, L, num_sms, yield_seed):
     """Layout, dispatch, cached dispatch and combine under TSan with wrapping rings: zero reports."""
     res = _run(drivers["tsan"], L=L, T=48, H=32, k=4, E=4 * L, num_sms=num_sms, staging=SMALL_STAGING,
                yield_seed=yield_seed)
-    assert "ThreadSanitizer" not in res.stderr, res.stderr[-6000:]
-    assert res.returncode == 0, res.stderr[-3000:]
+    # exit code first: a kernel timeout on a loaded machine (exit 4) reads differently from a race
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stderr[-8000:]}"
+    assert "ThreadSanitizer" not in res.stderr, res.stderr[-8000:]
     assert res.stdout.strip() == "OK"
 
 
