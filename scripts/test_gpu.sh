@@ -12,7 +12,5 @@ export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}
 "$PYTHON" -m pip install --no-build-isolation -e . -q
 "$PYTHON" -c "import dispatch._cuda" || { echo "dispatch._cuda did not build (see the pip warnings above)"; exit 1; }
-# One process per device: a process can hold only one of dispatch._cuda / dispatch._simt while
-# their pybind11 types collide (tests/test_cuda_build.py::test_both_modules_load_in_one_process).
-DISPATCH_TEST_DEVICES=cuda "$PYTHON" -m pytest -q -rs tests/test_cuda_*.py "$@"
-DISPATCH_TEST_DEVICES=simt "$PYTHON" -m pytest -q -rs tests/test_cuda_*.py "$@"
+# Every test on both devices (DISPATCH_TEST_DEVICES=cuda restricts the run to the GPU).
+"$PYTHON" -m pytest -q -rs tests/test_cuda_*.py "$@"

@@ -34,12 +34,9 @@ def test_simt_module_is_built():
                            "assert set(m.DTYPE_CODES) >= {'float32', 'bfloat16', 'float16', 'float64'}"])
 
 
-# Strict: once csrc/bindings/cuda_module.cpp binds every type py::module_local() and the modules
-# are rebuilt, this passes, fails as XPASS, and the marker goes.
-@pytest.mark.xfail(strict=True, reason="the pybind11 types of dispatch._cuda and dispatch._simt collide (same C++ "
-                                       "names, not py::module_local): a process can load only one of them")
 def test_both_modules_load_in_one_process():
-    """A GPU test run parametrized over both devices loads both modules in one process."""
+    """A GPU test run parametrized over both devices loads both modules in one process: they
+    bind the same C++ types, so the bindings keep every type py::module_local."""
     from dispatch.cuda.device import module_built
     if not (module_built("cuda") and module_built("simt")):
         pytest.skip("needs both dispatch._cuda (nvcc) and dispatch._simt built")
