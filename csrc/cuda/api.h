@@ -10,7 +10,7 @@
 namespace dispatch::cuda {
 
 constexpr int kMaxPeers = 16;      // ranks per node served by the in-node kernels (one warp per peer)
-constexpr int kMaxChannels = 64;   // num_sms / 2
+constexpr int kMaxChannels = 128;  // num_sms / 2: every SM of an H200 (132) may be given
 constexpr int kMaxLocalExperts = 2048;
 constexpr int kThreads = 512;      // 16 warps: warp w serves peer w
 constexpr int64_t kHeaderBytes = 512 * 1024;  // control region at the start of every staging buffer
