@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from . import validate as V
-from .config import Config
+from .compat import DeepEPBufferExtras, check_deepep_buffer_options, recommended_config
+from .config import Config, nvl_staging_bytes, rdma_staging_bytes
 from .event import EventOverlap
 from .host.backend import HostBackend
 from .host.plan import HostHandle
@@ -24,16 +25,25 @@ def _is_nccl_group(group: Any) -> bool:
         return False
 
 
-class Buffer:
+class Buffer(DeepEPBufferExtras):
     """The communication buffer of one rank: staging memory, links and the calls over them.
 
     Construction is collective over ``group``. Tensors on the CPU run the CPU backend (ranks
     are processes; shared memory inside a node, gloo point-to-point on the rails).
+    DeepEP's constructor keywords are accepted (keyword-only); those asking for something
+    dispatch does not have raise ``NotImplementedError`` (see docs/deepep.md).
 
     Args:
         group: the process group of the expert-parallel ranks.
         num_nvl_bytes: in-node staging budget per rank (0: a 512 MiB default; pages are touched only as far as chunks need).
         num_rdma_bytes: rail staging budget per rank (0: a 512 MiB default).
+        low_latency_mode: DeepEP's low-latency mode: must be False (not provided).
+        num_qps_per_rank: DeepEP's RDMA queue pairs per rank: checked (>= 1), unused (gloo rails).
+        allow_nvlink_for_low_latency_mode: low-latency mode only: checked, unused.
+        allow_mnnvl, use_fabric, enable_shrink: must be False (not provided).
+        explicitly_destroy: accepted either way: ``destroy()`` may always be called and the
+            destructor frees whatever it did not.
+        comm: an mpi4py communicator instead of ``group``: not supported (must be None).
         num_ranks_per_node: ranks per node ``L`` (default: ``LOCAL_WORLD_SIZE``, else by host name).
         timeout_s: seconds without progress before a missing peer is reported.
     """
@@ -48,7 +58,12 @@ class Buffer:
         return super().__new__(cls)
 
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False, use_fabric: bool = False,
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Optional[Any] = None,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0) -> None:
+        check_deepep_buffer_options(low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
+                                    use_fabric, explicitly_destroy, enable_shrink, comm)
         V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
         V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
         if not timeout_s > 0:
@@ -63,36 +78,46 @@ class Buffer:
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.timeout_s = float(timeout_s)
+        self.low_latency_mode = False
+        self.explicitly_destroy = explicitly_destroy
         self._backend: Optional[HostBackend] = HostBackend(group, self.topology, num_nvl_bytes, num_rdma_bytes,
                                                            self.timeout_s)
 
     # --- class-wide settings and sizing -----------------------------------------------------
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
-        """Sets the default SM budget (CPU backend: worker-thread budget) of every call."""
+        """Sets the default SM budget (CPU backend: worker-thread budget) of every call (any
+        positive int here; DeepEP requires an even count, as the CUDA backend does)."""
         V.check_int("num_sms", num_sms, 1)
         cls.num_sms = num_sms
 
     @staticmethod
-    def get_dispatch_config(num_ranks: int = 0) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """A recommended dispatch config for ``num_ranks`` ranks (DeepEP's API; see ``compat.recommended_config``).
+
+        Args:
+            num_ranks: ranks of the group.
+
+        Returns:
+            config: with ``Buffer.num_sms`` and DeepEP's chunk fields set, so its size hints work.
+        """
+        return recommended_config(Buffer.num_sms, num_ranks)
 
     @staticmethod
-    def get_combine_config(num_ranks: int = 0) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+    def get_combine_config(num_ranks: int) -> Config:
+        """A recommended combine config for ``num_ranks`` ranks (see :meth:`get_dispatch_config`)."""
+        return recommended_config(Buffer.num_sms, num_ranks)
 
     @staticmethod
     def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks_per_node: int, chunk_tokens: int = 1024) -> int:
         """In-node staging per rank that lets chunks of ``chunk_tokens`` rows flow (hidden_bytes in
-        float32 terms, as combine partials are)."""
-        from .host.node_link import OUTBOX_SLOTS, RETURN_SLOTS
-        row_bytes = hidden_bytes + 1024  # record metadata and alignment, generously
-        return (OUTBOX_SLOTS + num_ranks_per_node * RETURN_SLOTS) * chunk_tokens * row_bytes + (1 << 20)
+        float32 terms, as combine partials are). DeepEP's form is ``Config.get_nvl_buffer_size_hint``."""
+        return nvl_staging_bytes(hidden_bytes, num_ranks_per_node, chunk_tokens)
 
     @staticmethod
     def get_rdma_buffer_size_hint(hidden_bytes: int, num_nodes: int, chunk_tokens: int = 1024) -> int:
         """Rail staging per rank for chunks of ``chunk_tokens`` rows (hidden_bytes in float32 terms)."""
-        return 4 * max(1, num_nodes - 1) * chunk_tokens * (hidden_bytes + 1024)
+        return rdma_staging_bytes(hidden_bytes, num_nodes, chunk_tokens)
 
     # --- lifetime -----------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -122,7 +147,7 @@ class Buffer:
         config = config or Config(num_sms=Buffer.num_sms)
         if not isinstance(config, Config):
             raise TypeError(f"config must be a dispatch.Config, got {type(config).__name__}")
-        return config.cpu_threads(self.topology.num_ranks_per_node), config.chunk_tokens
+        return config.cpu_threads(self.topology.num_ranks_per_node), config.chunk_records(self.topology.num_nodes)
 
     # --- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap] = None,
@@ -183,8 +208,11 @@ class Buffer:
             recv_x: received rows (a pair for FP8), ordered by source rank then source token.
             recv_topk_idx: ``[n, k]`` local expert ids or -1 (None without ``topk_idx``).
             recv_topk_weights: ``[n, k]`` float32, 0 where ``recv_topk_idx`` is -1.
-            num_recv_tokens_per_expert_list: list of int per local expert (aligned).
-            handle: routes for combine and cached dispatch.
+            num_recv_tokens_per_expert_list: list of int per local expert (aligned), summed from
+                every rank's ``num_tokens_per_expert`` (computed from ``topk_idx`` when absent; None
+                when no rank has either); ``[]`` with ``num_worst_tokens > 0``, as in DeepEP.
+            handle: routes for combine and cached dispatch; indexable like DeepEP's handle for
+                the shared entries (``handle[0]``, ``handle[-4]``, ...; see ``compat.DeepEPHandleView``).
             event: EventOverlap.
         """
         backend = self._live_backend()
