@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from typing import Any, List, Optional, Tuple
 
@@ -27,6 +26,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dispatch as deep_ep  # noqa: E402  (the one line that differs from a DeepEP version)
+from examples.train_moe import free_port  # noqa: E402
 
 _buffer: Optional[deep_ep.Buffer] = None
 
@@ -172,19 +172,13 @@ def _worker(rank: int, world_size: int, ranks_per_node: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--ranks-per-node", type=int, default=2)
     args = parser.parse_args()
     world_size = args.nodes * args.ranks_per_node
-    mp.spawn(_worker, args=(world_size, args.ranks_per_node, _free_port()), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, args.ranks_per_node, free_port()), nprocs=world_size)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def test_static_helpers():
     assert isinstance(event, deep_ep.EventOverlap) and event.event is None  # CPU: already finished
     event.current_stream_wait()
     assert deep_ep.Buffer.is_sm90_compiled() is True
+    assert deep_ep.topk_idx_t == torch.int64
     with pytest.raises(NotImplementedError, match="low-latency"):
         deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
 
@@ -215,7 +216,7 @@ def _client_code(ctx: Any, seed: int) -> List[str]:
     inputs = [_inputs(seed, s, R, L) for s in range(R)]
     mine = inputs[rank]
     E, T = mine["E"], mine["T"]
-    topk_idx, topk_weights, x = mine["topk_idx"], mine["topk_weights"], mine["x"]
+    topk_idx, topk_weights, x = mine["topk_idx"].to(deep_ep.topk_idx_t), mine["topk_weights"], mine["x"]
     refs = [reference_dispatch([i["x"] for i in inputs], [i["topk_idx"] for i in inputs],
                                [i["topk_weights"] for i in inputs], E, L, d) for d in range(R)]
     ref = refs[rank]
