@@ -95,22 +95,20 @@ def recommended_config(num_sms: int, num_ranks: int) -> Config:
 
 
 class DeepEPBufferExtras:
-    """DeepEP's small ``Buffer`` helpers, for a buffer with a ``topology`` (and a ``device`` on GPUs)."""
+    """DeepEP's small ``Buffer`` helpers, for a buffer with a ``topology`` and a ``_backend``."""
 
     topology: Any
 
     @staticmethod
     def capture() -> EventOverlap:
-        """An event on the current stream: a CUDA event when CUDA is in use, else already finished.
+        """An event on the current stream: a CUDA event when CUDA is in use, else already finished
+        (the CPU and SIMT backends: the host's work so far is done).
 
         Returns:
             event: pass it as ``previous_event`` to order a call after the work queued so far.
         """
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream())
-            return EventOverlap(event)
-        return EventOverlap()
+        from .cuda.device import GpuDevice
+        return EventOverlap(GpuDevice.current_event())
 
     @staticmethod
     def is_sm90_compiled() -> bool:
@@ -118,10 +116,10 @@ class DeepEPBufferExtras:
         return True
 
     def get_local_device_id(self) -> int:
-        """This rank's CUDA device index; -1 on the CPU backend (ranks are processes, no device)."""
-        device = getattr(self, "device", None)
-        if isinstance(device, torch.device) and device.type == "cuda":
-            return device.index if device.index is not None else torch.cuda.current_device()
+        """This rank's CUDA device index; -1 on the CPU and SIMT backends (no GPU)."""
+        device = getattr(getattr(self, "_backend", None), "tensor_device", None)
+        if isinstance(device, torch.device) and device.type == "cuda" and device.index is not None:
+            return device.index
         return -1
 
     def get_num_rdma_ranks(self) -> int:
@@ -141,8 +139,9 @@ class DeepEPBufferExtras:
         return self.topology.local_rank if global_rank else 0
 
     def get_comm_stream(self) -> Any:
-        """The stream the communication runs on: the buffer's CUDA stream, or on the CPU backend
-        the current CPU stream (calls finish before they return)."""
+        """The stream the communication runs on: the buffer's CUDA stream (SIMT: its
+        ``dispatch._simt.Stream``), or on the CPU backend the current CPU stream (calls finish
+        before they return)."""
         backend = getattr(self, "_backend", None)
         stream = getattr(backend, "stream", None)
         return stream if stream is not None else torch.cpu.current_stream()
@@ -187,15 +186,25 @@ class DeepEPHandleView:
     metadata) describe DeepEP's kernels and have no counterpart: indexing them raises
     ``NotImplementedError``, as does unpacking the handle.
 
-    The handle class provides :meth:`_deepep_num_nodes` and :meth:`_deepep_entry`.
+    The handle class provides :meth:`_deepep_num_nodes`, the ``is_token_in_rank`` and
+    ``recv_src_token`` attributes every backend's handle keeps, and extends :meth:`_deepep_entry`
+    with what else it holds.
     """
+
+    is_token_in_rank: torch.Tensor
+    recv_src_token: torch.Tensor
 
     def _deepep_num_nodes(self) -> int:
         raise NotImplementedError
 
     def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
-        """The DeepEP entry ``name``, or None when it has no counterpart here."""
-        raise NotImplementedError
+        """The DeepEP entry ``name``, or None when it has no counterpart here (the base serves
+        the entries every handle keeps)."""
+        if name == "is_token_in_rank":
+            return self.is_token_in_rank
+        if name == "recv_src_idx":
+            return self.recv_src_token
+        return None
 
     def _deepep_names(self) -> Tuple[str, ...]:
         return INTERNODE_HANDLE if self._deepep_num_nodes() > 1 else INTRANODE_HANDLE

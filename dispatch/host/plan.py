@@ -144,10 +144,6 @@ class HostHandle(DeepEPHandleView):
         return self.node_counts.shape[1]
 
     def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
-        if name == "is_token_in_rank":
-            return self.is_token_in_rank
-        if name == "recv_src_idx":
-            return self.recv_src_token
         if name == "rank_prefix_matrix":
             return self.rank_counts.cumsum(dim=0).to(torch.int32)
         if name == "recv_gbl_rank_prefix_sum":
@@ -158,4 +154,4 @@ class HostHandle(DeepEPHandleView):
             node, local = divmod(self.rank, L)
             peers = torch.arange(self._deepep_num_nodes()) * L + local
             return self.node_counts[peers, node].cumsum(dim=0).to(torch.int32)
-        return None
+        return super()._deepep_entry(name)
