@@ -61,6 +61,21 @@ def test_config_maps_deepep_windows_onto_chunks():
     assert deep_ep.Config(24, 8, 256, 6, 128).num_max_rdma_chunked_recv_tokens == 132
 
 
+def test_host_backend_chunks_from_deepep_windows():
+    """The CPU backend runs a dispatch with ``Config.chunk_records`` of its node count (the
+    rail window counts across nodes)."""
+    import dispatch as deep_ep
+    from dispatch.backend import DispatchArgs
+    from dispatch.host.backend import HostBackend
+    backend = object.__new__(HostBackend)  # no links: full_dispatch is replaced
+    backend.topo = deep_ep.Topology(4, 2, 0)
+    seen: List[Any] = []
+    backend.full_dispatch = lambda *args: seen.append(args[10]) or (None,) * 6
+    for config in (deep_ep.Config(4, 1, 8, 2, 4), deep_ep.Config(4, 1, 8), deep_ep.Config(4)):
+        backend.dispatch(DispatchArgs(None, None, None, None, None, None, None, 4, 1, 0, config))
+    assert seen == [2 * 4, 2 * 8, None]
+
+
 @pytest.mark.parametrize("args, name", [
     ((24, 256, 8), "num_max_nvl_chunked_send_tokens"),
     ((24, 8, 256, 100, 50), "num_max_rdma_chunked_send_tokens"),

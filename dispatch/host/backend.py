@@ -94,8 +94,8 @@ class HostBackend:
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
         out = self.full_dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.is_token_in_rank,
                                  args.num_tokens_per_rank, args.num_tokens_per_expert, args.num_experts,
-                                 args.expert_alignment, args.num_worst_tokens, args.config.chunk_records(self.topo.num_nodes),
-                                 self._threads(args.config), args.error)
+                                 args.expert_alignment, args.num_worst_tokens,
+                                 args.config.chunk_records(self.topo.num_nodes), self._threads(args.config), args.error)
         return DispatchResult(*out, EventOverlap())
 
     def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
