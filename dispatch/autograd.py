@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "DispatchOutput",
+    "count_recv_tokens_per_expert",
     "DispatchFunction",
     "CombineFunction",
     "differentiable_dispatch",
@@ -43,7 +44,8 @@ class DispatchOutput:
         recv_topk_weights: ``[n, k]`` weights (0 where ``recv_topk_idx == -1``), differentiable
             w.r.t. ``topk_weights``; ``None`` when no weights were given.
         num_recv_tokens_per_expert_list: received tokens per local expert, rounded up to
-            ``expert_alignment``.
+            ``expert_alignment``. After a ``num_worst_tokens`` dispatch (where ``Buffer.dispatch``
+            returns ``[]``, as DeepEP does) they are counted here from ``recv_topk_idx``.
         handle: the communication handle, for :func:`differentiable_combine` or a cached dispatch.
     """
 
@@ -102,6 +104,9 @@ class DispatchFunction(torch.autograd.Function):
             recv_topk_weights = recv_w.masked_fill(recv_topk_idx < 0, 0)
 
         side.handle = handle
+        if num_worst_tokens > 0:
+            num_recv_list = count_recv_tokens_per_expert(recv_topk_idx, num_experts // buffer.group_size,
+                                                         expert_alignment)
         side.num_recv_tokens_per_expert_list = list(num_recv_list)
         ctx.buffer = buffer
         ctx.handle = handle
@@ -164,6 +169,25 @@ class CombineFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_bias = grad_combined_x.to(ctx.bias_dtype)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_bias, None, None, None)
+
+
+def count_recv_tokens_per_expert(recv_topk_idx: torch.Tensor, num_local_experts: int,
+                                 expert_alignment: int = 1) -> List[int]:
+    """``num_recv_tokens_per_expert_list`` from the received ids (e.g. after a ``num_worst_tokens``
+    dispatch, which returns ``[]``). Waits for the tensor on the host.
+
+    Args:
+        recv_topk_idx: ``[n, k]`` local expert ids, ``-1`` for none (padding rows are all ``-1``).
+        num_local_experts: experts on this rank.
+        expert_alignment: each count is rounded up to a multiple of this.
+
+    Returns:
+        Received tokens (rows naming the expert at least once) per local expert, aligned.
+    """
+    experts = torch.arange(num_local_experts, device=recv_topk_idx.device)
+    rows_with_expert = (recv_topk_idx.unsqueeze(-1) == experts).any(dim=1)
+    counts = rows_with_expert.sum(dim=0).tolist()
+    return [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in counts]
 
 
 def differentiable_dispatch(buffer: Any, x: torch.Tensor, topk_idx: torch.Tensor,

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from . import validate as V
 from .backend import (DEVICE_KINDS, Backend, CachedDispatchArgs, CallOptions, CombineArgs, DispatchArgs,
                       DispatchResult)
-from .config import Config
+from .compat import DeepEPBufferExtras, check_deepep_buffer_options, recommended_config
+from .config import Config, nvl_staging_bytes, rdma_staging_bytes
 from .event import EventOverlap
 from .topology import Topology, detect_num_ranks_per_node
 
@@ -46,7 +47,7 @@ def _device_kind(device: Union[None, str, torch.device]) -> Tuple[str, Optional[
     return kind, int(index) if index else None
 
 
-class Buffer:
+class Buffer(DeepEPBufferExtras):
     """The communication buffer of one rank: staging memory, links and the calls over them.
 
     Construction is collective over ``group``. The backend follows where the tensors live, not
@@ -54,6 +55,8 @@ class Buffer:
     inside a node, gloo point-to-point on the rails), ``"cuda"`` the CUDA kernels on this rank's
     GPU (the group, gloo or NCCL, serves only the set-up exchange), ``"simt"`` the same kernels on
     the CPU SIMT runtime (CPU tensors; tests and CI).
+    DeepEP's constructor keywords are accepted (keyword-only) on every backend; those asking for
+    something dispatch does not have raise ``NotImplementedError`` (see docs/deepep.md).
 
     Args:
         group: the process group of the expert-parallel ranks, or a ``dispatch.testing``
@@ -61,6 +64,13 @@ class Buffer:
         num_nvl_bytes: in-node staging budget per rank (0: the backend's default: 512 MiB on the
             CPU, of which pages are touched only as far as chunks need; 256 MiB of device memory).
         num_rdma_bytes: rail staging budget per rank (0: a 512 MiB default).
+        low_latency_mode: DeepEP's low-latency mode: must be False (not provided).
+        num_qps_per_rank: DeepEP's RDMA queue pairs per rank: checked (>= 1), unused (gloo rails).
+        allow_nvlink_for_low_latency_mode: low-latency mode only: checked, unused.
+        allow_mnnvl, use_fabric, enable_shrink: must be False (not provided).
+        explicitly_destroy: accepted either way: ``destroy()`` may always be called and the
+            destructor frees whatever it did not.
+        comm: an mpi4py communicator instead of ``group``: not supported (must be None).
         num_ranks_per_node: ranks per node ``L`` (default: ``LOCAL_WORLD_SIZE``, else by host name).
         timeout_s: seconds without progress before a missing peer is reported.
         device: ``"cpu"``, ``"cuda"`` (``"cuda:<i>"``, or a ``torch.device``), ``"simt"``, or None:
@@ -71,8 +81,13 @@ class Buffer:
     num_sms: int = 20
 
     def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False, use_fabric: bool = False,
+                 explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Optional[Any] = None,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0,
                  device: Union[None, str, torch.device] = None) -> None:
+        check_deepep_buffer_options(low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
+                                    use_fabric, explicitly_destroy, enable_shrink, comm)
         V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
         V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
         if not timeout_s > 0:
@@ -94,6 +109,8 @@ class Buffer:
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.timeout_s = float(timeout_s)
+        self.low_latency_mode = False
+        self.explicitly_destroy = explicitly_destroy
         self._backend = self._make_backend(kind, index, group, loopback)
         self.device_kind = kind
 
@@ -113,30 +130,38 @@ class Buffer:
     @classmethod
     def set_num_sms(cls, num_sms: int) -> None:
         """Sets the default SM budget (CPU backend: worker-thread budget) of every call, on every
-        backend (the setting is ``Buffer``'s, whatever class it is called on)."""
+        backend (the setting is ``Buffer``'s, whatever class it is called on). Any positive int
+        here; the CUDA backend, like DeepEP, requires an even count at the call."""
         V.check_int("num_sms", num_sms, 1)
         Buffer.num_sms = num_sms
 
     @staticmethod
-    def get_dispatch_config(num_ranks: int = 0) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """A recommended dispatch config for ``num_ranks`` ranks (DeepEP's API; see ``compat.recommended_config``).
+
+        Args:
+            num_ranks: ranks of the group.
+
+        Returns:
+            config: with ``Buffer.num_sms`` and DeepEP's chunk fields set, so its size hints work.
+        """
+        return recommended_config(Buffer.num_sms, num_ranks)
 
     @staticmethod
-    def get_combine_config(num_ranks: int = 0) -> Config:
-        return Config(num_sms=Buffer.num_sms)
+    def get_combine_config(num_ranks: int) -> Config:
+        """A recommended combine config for ``num_ranks`` ranks (see :meth:`get_dispatch_config`)."""
+        return recommended_config(Buffer.num_sms, num_ranks)
 
     @staticmethod
     def get_nvl_buffer_size_hint(hidden_bytes: int, num_ranks_per_node: int, chunk_tokens: int = 1024) -> int:
         """In-node staging per rank that lets chunks of ``chunk_tokens`` rows flow (hidden_bytes in
-        float32 terms, as combine partials are)."""
-        from .host.node_link import OUTBOX_SLOTS, RETURN_SLOTS
-        row_bytes = hidden_bytes + 1024  # record metadata and alignment, generously
-        return (OUTBOX_SLOTS + num_ranks_per_node * RETURN_SLOTS) * chunk_tokens * row_bytes + (1 << 20)
+        float32 terms, as combine partials are). DeepEP's form is ``Config.get_nvl_buffer_size_hint``."""
+        return nvl_staging_bytes(hidden_bytes, num_ranks_per_node, chunk_tokens)
 
     @staticmethod
     def get_rdma_buffer_size_hint(hidden_bytes: int, num_nodes: int, chunk_tokens: int = 1024) -> int:
         """Rail staging per rank for chunks of ``chunk_tokens`` rows (hidden_bytes in float32 terms)."""
-        return 4 * max(1, num_nodes - 1) * chunk_tokens * (hidden_bytes + 1024)
+        return rdma_staging_bytes(hidden_bytes, num_nodes, chunk_tokens)
 
     # --- lifetime -----------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -248,9 +273,9 @@ class Buffer:
             topk_idx: ``[T, k]`` expert ids (-1 = none).
             topk_weights: ``[T, k]`` float32.
             expert_alignment: each per-expert receive count is rounded up to a multiple of this.
-            num_worst_tokens: if > 0, the receive tensors have exactly this many rows (on the
-                CUDA backend nothing then waits on the host under graph capture, and
-                ``num_recv_tokens_per_expert_list`` is None there).
+            num_worst_tokens: if > 0, the receive tensors have exactly this many rows and
+                ``num_recv_tokens_per_expert_list`` is ``[]`` (as in DeepEP; on the CUDA backend
+                nothing then waits on the host under graph capture).
             num_experts: ``E`` when ``num_tokens_per_expert`` is not given.
             config: SM (CPU: thread) budget and chunking (default: ``Buffer.num_sms``).
             previous_event / async_finish / allocate_on_comm_stream: DeepEP's stream arguments.
@@ -261,8 +286,11 @@ class Buffer:
             recv_x: received rows (a pair for FP8), ordered by source rank then source token.
             recv_topk_idx: ``[n, k]`` local expert ids or -1 (None without ``topk_idx``).
             recv_topk_weights: ``[n, k]`` float32, 0 where ``recv_topk_idx`` is -1.
-            num_recv_tokens_per_expert_list: list of int per local expert (aligned).
-            handle: routes for combine and cached dispatch.
+            num_recv_tokens_per_expert_list: list of int per local expert (aligned), summed from
+                every rank's ``num_tokens_per_expert`` (computed from ``topk_idx`` when absent; None
+                when no rank has either), on every backend; ``[]`` with ``num_worst_tokens > 0``.
+            handle: routes for combine and cached dispatch; indexable like DeepEP's handle for
+                the shared entries (``handle[0]``, ``handle[-4]``, ...; see ``compat.DeepEPHandleView``).
             event: EventOverlap.
         """
         backend = self._live_backend()
@@ -320,7 +348,7 @@ class Buffer:
             num_tokens_per_rank=per_rank, num_tokens_per_expert=per_expert, num_experts=E,
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=run_config,
             options=options, error=error))
-        return self._dispatch_outputs(result, scales is not None, weights is not None)
+        return self._dispatch_outputs(result, scales is not None, weights is not None, num_worst_tokens > 0)
 
     def _num_experts(self, backend: Backend, num_tokens_per_expert: Optional[torch.Tensor],
                      num_experts: Optional[int], topk_idx: Optional[torch.Tensor]) -> int:
@@ -375,11 +403,13 @@ class Buffer:
         return recv, None, None, None, result.handle, result.event
 
     @staticmethod
-    def _dispatch_outputs(result: DispatchResult, fp8: bool, weighted: bool):
+    def _dispatch_outputs(result: DispatchResult, fp8: bool, weighted: bool, worst: bool):
+        """DeepEP's result tuple; the per-expert list is ``[]`` after a ``num_worst_tokens`` dispatch
+        on every backend, as in DeepEP (its counts never wait on the host there)."""
         recv = (result.recv_x, result.recv_scales) if fp8 else result.recv_x
         recv_weights = result.recv_topk_weights if weighted else None
-        return (recv, result.recv_topk_idx, recv_weights, result.num_recv_tokens_per_expert_list, result.handle,
-                result.event)
+        per_expert = [] if worst else result.num_recv_tokens_per_expert_list
+        return recv, result.recv_topk_idx, recv_weights, per_expert, result.handle, result.event
 
     # --- combine ------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: Any, topk_weights: Optional[torch.Tensor] = None,

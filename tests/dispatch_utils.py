@@ -278,12 +278,11 @@ def run_case(buf: Any, rank: int, R: int, L: int, spec: Dict[str, Any], seed: in
     fail(cat, diff("recv_x", recv_x, want_x))
     fail(cat, diff("recv_topk_idx", recv_idx, want_idx if with_topk else None))
     fail(cat, diff("recv_topk_weights", recv_w, want_w if with_weights else None))
-    if per_expert is None and not with_topk:
-        pass  # without topk_idx the contract does not require the per-expert list (DeepEP returns none)
-    elif not isinstance(per_expert, list):
-        fail(cat, f"num_recv_tokens_per_expert_list is a {type(per_expert).__name__}, want list")
-    else:
-        fail(cat, diff("num_recv_tokens_per_expert_list", per_expert, ref["num_recv_tokens_per_expert_list"]))
+    # The list comes from num_tokens_per_expert (given with the explicit layout, else computed from
+    # topk_idx); with num_worst_tokens it is empty, as in DeepEP.
+    has_counts = with_topk or spec.get("layout", "explicit") == "explicit"
+    want_per_expert = [] if W else (ref["num_recv_tokens_per_expert_list"] if has_counts else None)
+    fail(cat, diff("num_recv_tokens_per_expert_list", per_expert, want_per_expert))
     want_traffic = reference_traffic(topks, E, L, rank)
     fail("traffic", "; ".join(check_traffic(buf.get_traffic_stats(), want_traffic["dispatch"], "dispatch")))
 

@@ -33,6 +33,7 @@ import torch
 from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
                        LayoutResult, dtype_codes, verdict_code, verdict_error)
+from ..compat import DeepEPHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
 from ..event import EventOverlap
@@ -71,7 +72,9 @@ class CallFacts:
 
     # (shift, mask, name): channels - 1 | topk width | dtype | padded | hash of the rest
     FIELDS = ((0, 127, "num_sms"), (7, 63, "topk width"), (13, 7, "x dtype"),
-              (16, 1, "num_worst_tokens > 0"), (17, 0x1FFF, "x hidden size (or FP8 scales, num_experts)"))
+              (16, 1, "num_worst_tokens > 0"),
+              (17, 0x1FFF, "x hidden size (or FP8 scales, num_experts, whether num_tokens_per_expert is given, "
+                           "the config's chunk window)"))
 
     def word(self) -> int:
         values = (self.num_channels - 1, self.num_topk, self.dtype_code, int(self.worst),
@@ -103,9 +106,11 @@ class GroupComm:
         self.all_gather_object(None)
 
 
-@dataclass
-class CudaHandle:
+@dataclass(eq=False)
+class CudaHandle(DeepEPHandleView):
     """Routes of one CUDA dispatch, for combine and cached dispatch (all tensors on the device).
+    Indexable like DeepEP's intranode handle for the entries both share (``DeepEPHandleView``):
+    ``handle[3]`` ``recv_src_idx``, ``handle[4]`` ``is_token_in_rank``.
 
     Attributes:
         num_tokens: tokens at this rank.
@@ -139,6 +144,19 @@ class CudaHandle:
             return self.num_worst_tokens
         assert self.num_recv_tokens is not None
         return self.num_recv_tokens
+
+    # --- DeepEP's handle entries (DeepEPHandleView) --------------------------------------------
+    @staticmethod
+    def _deepep_num_nodes() -> int:
+        return 1  # the CUDA backend serves one node
+
+    def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
+        if name == "rank_prefix_matrix":
+            # notify leaves each rank only its own column (rows it receives per source)
+            raise NotImplementedError("handle[0] (DeepEP's rank_prefix_matrix) is not kept by the CUDA backend: "
+                                      "each rank learns only the rows it receives; shared entries here: "
+                                      "[3] recv_src_idx, [4] is_token_in_rank")
+        return super()._deepep_entry(name)
 
 
 class CudaBackend:
@@ -301,13 +319,22 @@ class CudaBackend:
         a.wait = self._wait_args()
         return a
 
-    def _ring_slots(self, num_channels: int, row_bytes: int) -> int:
+    @staticmethod
+    def _window(config: Config, num_channels: int) -> int:
+        """Rows per (channel, peer) ring the config asks for (0: the staging budget decides).
+
+        DeepEP's ``num_max_nvl_chunked_recv_tokens`` is its receive window per channel: the ring
+        size here. ``chunk_tokens`` (records in flight per link) is spread over the channels."""
+        records = config.chunk_records(1)
+        return 0 if records is None else max(1, records // num_channels)
+
+    def _ring_slots(self, num_channels: int, row_bytes: int, window: int) -> int:
         usable = self.staging.size_bytes - self.mod.HEADER_BYTES
         slots = usable // (num_channels * self.topo.num_ranks_per_node * row_bytes)
         if slots < 1:
             raise ValueError(f"num_nvl_bytes={self.staging.size_bytes} is too small for one {row_bytes}-byte row per "
                              f"(channel, peer) with {num_channels} channels")
-        return int(slots)
+        return int(min(slots, window)) if window else int(slots)
 
     # --- notify ------------------------------------------------------------------------------------
     def _notify(self, op: str, num_channels: int, error: Optional[BaseException], barrier_only: bool,
@@ -446,8 +473,10 @@ class CudaBackend:
             chan_counts = torch.empty((L, C), dtype=torch.int32, device=dev)
             plan = torch.empty(self.mod.PlanView(L, C, epr).size(), dtype=torch.int32, device=dev)
         self.mod.launch_channel_counts(in_rank.data_ptr(), T, L, C, chan_counts.data_ptr(), stream_handle)
+        has_counts = args.num_tokens_per_expert is not None
+        window = self._window(args.config, C)
         facts = CallFacts(C, k, self.dtype_codes[x.dtype], args.num_worst_tokens > 0,
-                          (hidden_bytes, scale_bytes, args.num_experts))
+                          (hidden_bytes, scale_bytes, args.num_experts, has_counts, window))
         self._notify("dispatch", C, None, False, facts, T, chan_counts, args.num_tokens_per_expert, epr,
                      args.expert_alignment, plan)
         worst = args.num_worst_tokens
@@ -456,13 +485,14 @@ class CudaBackend:
         if not self.device.capturing():  # notify's status wait made its counts visible (Buffer
             # requires num_worst_tokens under capture)
             num_recv = int(self._host_words[0])
-            per_expert_list = [int(self._host_words[1 + L + e]) for e in range(epr)]
+            if has_counts and worst == 0:  # every rank gave counts (a call fact); [] with worst (Buffer)
+                per_expert_list = [int(self._host_words[1 + L + e]) for e in range(epr)]
         if worst > 0 and num_recv is not None:
             # Every rank learns in this call whether any rank's receive tensors are too small.
             too_small = ValueError(f"num_worst_tokens={worst} is below the {num_recv} tokens rank {me} receives")
             self._notify("dispatch", C, too_small if num_recv > worst else None, True)
         # after notify: every rank agreed on the row size and the staging size, so all raise alike
-        slots = self._ring_slots(C, record_bytes)
+        slots = self._ring_slots(C, record_bytes, window)
         rows = worst if worst > 0 else num_recv
         pad = 0 if worst > 0 else None  # padding rows of worst-token tensors read as zeros
         recv_x = self._output((rows, hidden), x.dtype, options, pad)
@@ -484,8 +514,6 @@ class CudaBackend:
         event = self._end(compute, options, (x, scales, topk_idx, args.topk_weights, in_rank,
                                              args.num_tokens_per_expert, chan_counts, plan),
                           (recv_x, recv_scales, recv_idx, recv_w, src_rank, src_token))
-        if topk_idx is None:
-            per_expert_list = None
         return DispatchResult(recv_x, recv_scales, recv_idx, recv_w, per_expert_list, handle, event)
 
     def _start_on_handle(self, args: Any) -> Tuple[CallOptions, Any, CudaHandle, int]:
@@ -503,11 +531,12 @@ class CudaBackend:
         if args.error is None:
             hidden_bytes = x.shape[1] * x.element_size()
             scale_bytes = scales.shape[1] * 4 if scales is not None else 0
-            facts = CallFacts(C, 0, self.dtype_codes[x.dtype], False, (hidden_bytes, scale_bytes))
+            facts = CallFacts(C, 0, self.dtype_codes[x.dtype], False,
+                              (hidden_bytes, scale_bytes, self._window(args.config, C)))
         self._notify("cached dispatch", C, args.error, True, facts)
         T, hidden = x.shape
         record_bytes = _C.RecordLayout(1, 0, hidden_bytes, scale_bytes).bytes
-        slots = self._ring_slots(C, record_bytes)
+        slots = self._ring_slots(C, record_bytes, self._window(args.config, C))
         rows = handle.num_recv_rows
         pad = 0 if handle.num_worst_tokens > 0 else None
         recv_x = self._output((rows, hidden), x.dtype, options, pad)
@@ -554,12 +583,13 @@ class CudaBackend:
         facts = None
         if args.error is None:
             k = topk_weights.shape[1] if topk_weights is not None else 0
-            facts = CallFacts(C, k, self.dtype_codes[x.dtype], False, (x.shape[1] * x.element_size(),))
+            facts = CallFacts(C, k, self.dtype_codes[x.dtype], False,
+                              (x.shape[1] * x.element_size(), self._window(args.config, C)))
         self._notify("combine", C, args.error, True, facts)
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0
         row_bytes = _C.ReturnRowLayout(hidden * x.element_size(), k).bytes
-        slots = self._ring_slots(C, row_bytes)
+        slots = self._ring_slots(C, row_bytes, self._window(args.config, C))
         out = self._output((handle.num_tokens, hidden), x.dtype, options)
         out_w = self._output((handle.num_tokens, k), torch.float32, options) if k else None
         a = self._args(self.mod.CombineArgs)

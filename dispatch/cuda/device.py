@@ -130,6 +130,14 @@ class GpuDevice:
                 t.record_stream(compute)
 
     @staticmethod
+    def current_event() -> Optional["torch.cuda.Event"]:
+        """An event recorded on torch's current stream where CUDA is in use (initialized), else
+        None: no GPU work can be pending (DeepEP's ``Buffer.capture``)."""
+        if not (gpu_present() and torch.cuda.is_initialized()):
+            return None
+        return GpuDevice.record(torch.cuda.current_stream())
+
+    @staticmethod
     def capturing() -> bool:
         try:
             return torch.cuda.is_current_stream_capturing()

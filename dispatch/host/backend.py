@@ -94,8 +94,8 @@ class HostBackend:
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
         out = self.full_dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.is_token_in_rank,
                                  args.num_tokens_per_rank, args.num_tokens_per_expert, args.num_experts,
-                                 args.expert_alignment, args.num_worst_tokens, args.config.chunk_tokens,
-                                 self._threads(args.config), args.error)
+                                 args.expert_alignment, args.num_worst_tokens,
+                                 args.config.chunk_records(self.topo.num_nodes), self._threads(args.config), args.error)
         return DispatchResult(*out, EventOverlap())
 
     def cached_dispatch(self, args: CachedDispatchArgs) -> DispatchResult:
@@ -152,10 +152,12 @@ class HostBackend:
                                  expert_counts.to(torch.int64)])
             header = {nt.HIDDEN: hidden, nt.DTYPE: DTYPE_CODES[x.dtype], nt.NUM_TOPK: k,
                       nt.NUM_EXPERTS: num_experts, nt.NUM_TOKENS: num_tokens,
-                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens}
+                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens,
+                      nt.HAS_EXPERT_COUNTS: int(num_tokens_per_expert is not None)}
         matrix = self.notify(OP_DISPATCH, header, payload, error)
         nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
-                               (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns")))
+                               (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns"),
+                               (nt.HAS_EXPERT_COUNTS, "whether num_tokens_per_expert (or topk_idx) is given")))
         h0 = nt.HEADER_WORDS
         rank_counts = matrix[:, h0:h0 + R]
         node_counts_all = matrix[:, h0 + R:h0 + R + N]
@@ -197,19 +199,29 @@ class HostBackend:
         run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
                      self.rail_staging, record, num_threads, self.timeout_s, log)
 
-        local_expert_counts = expert_counts_all[:, topo.rank * experts_per_rank:(topo.rank + 1) * experts_per_rank]
-        per_expert = local_expert_counts.sum(dim=0).tolist()
-        per_expert = [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in per_expert]
+        per_expert = self._recv_per_expert(matrix, expert_counts_all, experts_per_rank, expert_alignment,
+                                           num_worst_tokens)
         handle = HostHandle(num_tokens=num_tokens, num_recv_tokens=num_recv, num_worst_tokens=num_worst_tokens,
                             hidden=hidden, chunk_records=chunk_records, node_counts=node_counts_all,
                             rank_counts=rank_counts, send_plan=plan, schedules=schedules,
                             outbox_dst_rows=log["outbox_dst_rows"],
                             recv_rows_by_producer=log["recv_rows_by_producer"],
-                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"])
+                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"],
+                            rank=topo.rank, num_ranks_per_node=L, is_token_in_rank=is_token_in_rank)
         self._record_dispatch_stats(handle, record.bytes)
-        if topk_idx is None:
-            per_expert = None
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
+
+    def _recv_per_expert(self, matrix: torch.Tensor, expert_counts_all: torch.Tensor, experts_per_rank: int,
+                         expert_alignment: int, num_worst_tokens: int) -> Optional[List[int]]:
+        """``num_recv_tokens_per_expert_list``: the summed, aligned counts; None when no rank had
+        counts, or with ``num_worst_tokens`` (the front returns ``[]`` then, as DeepEP)."""
+        if num_worst_tokens > 0:
+            return None
+        if not int(matrix[0, nt.HAS_EXPERT_COUNTS]):
+            return None
+        me = self.topo.rank
+        counts = expert_counts_all[:, me * experts_per_rank:(me + 1) * experts_per_rank].sum(dim=0).tolist()
+        return [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in counts]
 
     def resend(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
                num_threads: int, error: Optional[BaseException]):

@@ -7,11 +7,12 @@ all ranks of a node derive the same schedules without talking.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import _C
+from ..compat import DeepEPHandleView
 from ..topology import Topology
 
 # One outbox chunk: (source rank, chunk index within that source's stream, records).
@@ -93,10 +94,10 @@ def plan_sends(topo: Topology, is_token_in_rank: torch.Tensor, rank_counts: torc
     return SendPlan(begin, node_tokens, node_dst_rows)
 
 
-@dataclass
-class HostHandle:
+@dataclass(eq=False)
+class HostHandle(DeepEPHandleView):
     """What a CPU-backend dispatch recorded, so that combine and cached dispatch need no new
-    layout exchange.
+    layout exchange. Indexable like DeepEP's handle for the shared entries (``DeepEPHandleView``).
 
     Attributes:
         num_tokens: tokens at this rank (rows of the combine output).
@@ -112,6 +113,8 @@ class HostHandle:
         recv_rows_by_producer: per local producer, per chunk of its schedule, the rows of this
             rank that chunk filled (int32), in record order.
         recv_src_rank / recv_src_token: source of every received row.
+        rank: this rank; num_ranks_per_node: ``L``.
+        is_token_in_rank: the dispatch's bool ``[T, R]`` membership.
     """
 
     num_tokens: int
@@ -127,8 +130,28 @@ class HostHandle:
     recv_rows_by_producer: List[List[torch.Tensor]]
     recv_src_rank: torch.Tensor
     recv_src_token: torch.Tensor
+    rank: int
+    num_ranks_per_node: int
+    is_token_in_rank: torch.Tensor
 
     @property
     def num_recv_rows(self) -> int:
         """Rows of the tensors dispatch returned."""
         return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
+
+    # --- DeepEP's handle entries (DeepEPHandleView) --------------------------------------------
+    def _deepep_num_nodes(self) -> int:
+        return self.node_counts.shape[1]
+
+    def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
+        if name == "rank_prefix_matrix":
+            return self.rank_counts.cumsum(dim=0).to(torch.int32)
+        if name == "recv_gbl_rank_prefix_sum":
+            return self.rank_counts[:, self.rank].cumsum(dim=0).to(torch.int32)
+        if name == "recv_rdma_rank_prefix_sum":
+            # My rail peer on node m is rank m * L + my local index; it sends me its tokens for my node.
+            L = self.num_ranks_per_node
+            node, local = divmod(self.rank, L)
+            peers = torch.arange(self._deepep_num_nodes()) * L + local
+            return self.node_counts[peers, node].cumsum(dim=0).to(torch.int32)
+        return super()._deepep_entry(name)
