@@ -49,17 +49,24 @@ class Buffer:
 
     def __init__(self, group: dist.ProcessGroup, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, *,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0) -> None:
-        V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
-        V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.group = group
         self.rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        if num_ranks_per_node is None:
-            num_ranks_per_node = detect_num_ranks_per_node(group)
-        V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
-        self.topology = Topology(self.group_size, num_ranks_per_node, self.rank)
+        error: Optional[BaseException] = None
+        try:
+            V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
+            V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
+            if not timeout_s > 0:
+                raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+            if num_ranks_per_node is None:
+                num_ranks_per_node = detect_num_ranks_per_node(group)
+            V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
+            self.topology = Topology(self.group_size, num_ranks_per_node, self.rank)
+        except (ValueError, TypeError) as exc:
+            error = exc
+        # Every rank raises alike, before the links are built (which would wait on the others).
+        V.agree_across_ranks(group, error, num_ranks_per_node=num_ranks_per_node, num_nvl_bytes=num_nvl_bytes,
+                             num_rdma_bytes=num_rdma_bytes)
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.timeout_s = float(timeout_s)
@@ -236,8 +243,11 @@ class Buffer:
                     if not torch.equal(num_tokens_per_rank.to(torch.int32).cpu(), per_rank):
                         raise ValueError("num_tokens_per_rank disagrees with is_token_in_rank")
                 per_expert = num_tokens_per_expert.to(torch.int32) if num_tokens_per_expert is not None else None
-                if per_expert is None and idx is not None:
-                    per_expert = self.get_dispatch_layout(idx, E)[2]
+                if idx is not None:  # a stale layout would drop tokens silently
+                    topk_layout = self.get_dispatch_layout(idx, E)
+                    V.check_layout_matches_topk(self.topology.num_ranks_per_node, topk_layout, in_rank,
+                                                num_tokens_per_rdma_rank, per_expert)
+                    per_expert = topk_layout[2] if per_expert is None else per_expert
             rows = rows.contiguous()
         except (ValueError, TypeError) as exc:
             error = exc
@@ -255,8 +265,7 @@ class Buffer:
         threads = 1
         try:
             threads, _ = self._threads(config)
-            if not isinstance(handle, HostHandle):
-                raise TypeError(f"handle must come from Buffer.dispatch, got {type(handle).__name__}")
+            backend.check_handle(handle)
             rows, scales = V.split_x(x)
             if rows.shape[0] != handle.num_tokens:
                 raise ValueError(f"x has {rows.shape[0]} rows but the handle routes {handle.num_tokens} tokens")
@@ -293,8 +302,7 @@ class Buffer:
         threads = 1
         try:
             threads, _ = self._threads(config)
-            if not isinstance(handle, HostHandle):
-                raise TypeError(f"handle must come from Buffer.dispatch, got {type(handle).__name__}")
+            backend.check_handle(handle)
             x = V.check_tensor("x", x, V.FLOAT_DTYPES, 2).contiguous()
             if x.shape[0] not in (handle.num_recv_tokens, handle.num_recv_rows):
                 raise ValueError(f"x has {x.shape[0]} rows but the handle received {handle.num_recv_tokens}")

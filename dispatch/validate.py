@@ -3,9 +3,12 @@ argument, before anything is sent."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 import torch
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 FP8_BLOCK = 128
@@ -65,3 +68,65 @@ def check_num_experts(num_experts: object, num_ranks: int) -> int:
     if num_experts % num_ranks != 0:
         raise ValueError(f"num_experts={num_experts} must be a multiple of the group size {num_ranks}")
     return num_experts
+
+
+def agree_across_ranks(group: "dist.ProcessGroup", error: Optional[BaseException], **settings: object) -> None:
+    """Collective: all-gathers every rank's verdict on its own arguments and its ``settings``
+    (ints), then raises on every rank: a ``ValueError`` naming a setting that differs and two
+    ranks, else the rank's own error, else a ``ValueError`` naming the rank that rejected its
+    arguments.
+
+    Used by constructors, before anything else is collective: a rank that disagrees must fail
+    as fast as the others, not leave them waiting in the first exchange.
+    """
+    import torch.distributed as dist
+
+    names = list(settings)
+    values = [value if isinstance(value, int) and not isinstance(value, bool) else -1 for value in settings.values()]
+    mine = torch.tensor([1 if error is not None else 0] + values, dtype=torch.int64)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).tolist()
+    # A differing setting first: every rank then raises the same message.
+    for column, name in enumerate(names, start=1):
+        first = table[0][column]
+        differ = [rank for rank, row in enumerate(table) if row[column] != first]
+        if differ:
+            raise ValueError(f"{name} must be the same on every rank: rank 0 has {first}, rank {differ[0]} has "
+                             f"{table[differ[0]][column]}")
+    if error is not None:
+        raise error
+    bad = [rank for rank, row in enumerate(table) if row[0]]
+    if bad:
+        raise ValueError(f"rank {bad[0]} rejected its Buffer arguments (see its error); no Buffer was made")
+
+
+def check_layout_matches_topk(num_ranks_per_node: int, topk_layout: Sequence[Optional[torch.Tensor]],
+                              is_token_in_rank: torch.Tensor, num_tokens_per_rdma_rank: Optional[torch.Tensor],
+                              num_tokens_per_expert: Optional[torch.Tensor]) -> None:
+    """Raises ``ValueError`` when a given layout was not computed from this ``topk_idx`` (a stale
+    layout would silently drop or misroute tokens). Cheap: ``O(T * R + E)`` compares.
+
+    Args:
+        num_ranks_per_node: ``L``.
+        topk_layout: ``get_dispatch_layout(topk_idx, E)``'s first four outputs.
+        is_token_in_rank, num_tokens_per_rdma_rank, num_tokens_per_expert: as given by the caller.
+    """
+    _, _, expected_per_expert, expected_in_rank = topk_layout[:4]
+    if not torch.equal(is_token_in_rank, expected_in_rank):
+        token, rank = (is_token_in_rank != expected_in_rank).nonzero()[0].tolist()
+        raise ValueError(f"is_token_in_rank disagrees with topk_idx (token {token}, rank {rank}): "
+                         f"was the layout computed from another routing?")
+    if num_tokens_per_expert is not None and not torch.equal(num_tokens_per_expert.to(torch.int32).cpu(),
+                                                             expected_per_expert):
+        expert = (num_tokens_per_expert.to(torch.int32).cpu() != expected_per_expert).nonzero()[0].item()
+        raise ValueError(f"num_tokens_per_expert disagrees with topk_idx (expert {expert}: "
+                         f"{int(num_tokens_per_expert[expert])} given, {int(expected_per_expert[expert])} in "
+                         f"topk_idx): was the layout computed from another routing?")
+    if num_tokens_per_rdma_rank is not None:
+        T, R = is_token_in_rank.shape
+        per_node = is_token_in_rank.view(T, R // num_ranks_per_node, num_ranks_per_node).any(dim=2).sum(dim=0)
+        check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, (torch.int32, torch.int64), 1,
+                     per_node.numel())
+        if not torch.equal(num_tokens_per_rdma_rank.to(torch.int64).cpu(), per_node):
+            raise ValueError("num_tokens_per_rdma_rank disagrees with is_token_in_rank")

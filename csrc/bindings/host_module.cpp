@@ -54,6 +54,13 @@ uint64_t atomic_load(uintptr_t address) {
 
 void atomic_store(uintptr_t address, uint64_t value) { __atomic_store_n(as_ptr<uint64_t>(address), value, __ATOMIC_RELEASE); }
 
+// Stores `desired` if the word holds `expected`; returns the value it held (== expected on success).
+uint64_t atomic_compare_exchange(uintptr_t address, uint64_t expected, uint64_t desired) {
+  __atomic_compare_exchange_n(as_ptr<uint64_t>(address), &expected, desired, false, __ATOMIC_ACQ_REL,
+                              __ATOMIC_ACQUIRE);
+  return expected;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -105,6 +112,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("atomic_load", &atomic_load);
   m.def("atomic_store", &atomic_store);
+  m.def("atomic_compare_exchange", &atomic_compare_exchange, py::arg("address"), py::arg("expected"),
+        py::arg("desired"));
   m.def("doorbell_ring", [](uintptr_t bell) { doorbell_ring(as_ptr<Doorbell>(bell)); });
   m.def("doorbell_rings", [](uintptr_t bell) { return doorbell_rings(as_ptr<const Doorbell>(bell)); });
   m.def(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .. import _C
+from ..errors import PeerTimeoutError
 from ..topology import Topology
 from . import notify as nt
 from .combine_op import run_combine
@@ -23,7 +25,40 @@ DEFAULT_RDMA_BYTES = 512 << 20
 MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def _blame_first_failure(method: _Method) -> _Method:
+    """A ``PeerTimeoutError`` leaving a call names the buffer's first failed rank (failure.py)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "HostBackend", *args, **kwargs):
+        failures = self.node.failures
+        origin = failures.origin()
+        if origin is not None:
+            raise PeerTimeoutError(origin, "failed in an earlier call: this Buffer is unusable, create a new one")
+        try:
+            return method(self, *args, **kwargs)
+        except PeerTimeoutError as error:
+            raise failures.settle(error)
+
+    return wrapper  # type: ignore[return-value]
+
+
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3, torch.float8_e4m3fn: 4}
+_DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in DTYPE_CODES.items()}
+
+# Header words every rank must agree on, described in words for the error message.
+_HIDDEN = (nt.HIDDEN, "x's hidden size", lambda v: f"hidden size {v}")
+_DTYPE = (nt.DTYPE, "x's dtype", lambda v: _DTYPE_NAMES.get(v, f"dtype code {v}"))
+_SCALES = (nt.SCALE_COLS, "x's kind (FP8 pair or plain tensor)",
+           lambda v: f"an FP8 pair with {v} scale columns" if v else "a plain tensor")
+_TOPK_IDX = (nt.NUM_TOPK, "topk_idx", lambda v: f"topk_idx with {v} columns" if v else "no topk_idx")
+_WEIGHTS = (nt.HAS_WEIGHTS, "topk_weights's presence", lambda v: "topk_weights" if v else "no topk_weights")
+_EXPERTS = (nt.NUM_EXPERTS, "num_experts", str)
+_COMBINE_WEIGHTS = (nt.NUM_TOPK, "topk_weights", lambda v: f"topk_weights with {v} columns" if v else "no topk_weights")
+_ROUNDING = (nt.PARTIAL_DTYPE, "config.round_rail_partials",
+             lambda v: "round_rail_partials=False" if v < 0 else "round_rail_partials=True")
 
 
 class HostBackend:
@@ -58,6 +93,14 @@ class HostBackend:
                                   for _ in range(4 * (self.topo.num_nodes - 1))]
         return self._rail_staging
 
+    def check_handle(self, handle: object) -> HostHandle:
+        """Raises ``TypeError``/``ValueError`` unless ``handle`` is this buffer's (local check:
+        the caller reports it through the handshake, before anything moves)."""
+        if not isinstance(handle, HostHandle):
+            raise TypeError(f"handle must come from Buffer.dispatch, got {type(handle).__name__}")
+        handle.check_usable(self.topo, self.node.token)
+        return handle
+
     # --- notify --------------------------------------------------------------------------
     def notify(self, op: int, header: Dict[int, int], payload: Optional[torch.Tensor],
                error: Optional[BaseException]) -> torch.Tensor:
@@ -79,6 +122,7 @@ class HostBackend:
         return matrix
 
     # --- dispatch ------------------------------------------------------------------------
+    @_blame_first_failure
     def dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
                  topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
                  num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
@@ -100,10 +144,11 @@ class HostBackend:
                                  expert_counts.to(torch.int64)])
             header = {nt.HIDDEN: hidden, nt.DTYPE: DTYPE_CODES[x.dtype], nt.NUM_TOPK: k,
                       nt.NUM_EXPERTS: num_experts, nt.NUM_TOKENS: num_tokens,
-                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens}
+                      nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens,
+                      nt.HAS_WEIGHTS: int(topk_weights is not None)}
         matrix = self.notify(OP_DISPATCH, header, payload, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
-                               (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns")))
+        # Presence of topk_idx / topk_weights too: a rank without weights would otherwise send 1.0s.
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _SCALES, _TOPK_IDX, _WEIGHTS, _EXPERTS))
         h0 = nt.HEADER_WORDS
         rank_counts = matrix[:, h0:h0 + R]
         node_counts_all = matrix[:, h0 + R:h0 + R + N]
@@ -153,12 +198,14 @@ class HostBackend:
                             rank_counts=rank_counts, send_plan=plan, schedules=schedules,
                             outbox_dst_rows=log["outbox_dst_rows"],
                             recv_rows_by_producer=log["recv_rows_by_producer"],
-                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"])
+                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"],
+                            buffer_token=self.node.token, num_ranks=R, num_ranks_per_node=L)
         self._record_dispatch_stats(handle, record.bytes)
         if topk_idx is None:
             per_expert = None
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
 
+    @_blame_first_failure
     def cached_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
                         num_threads: int, error: Optional[BaseException]):
         """Re-sends a new ``x`` along ``handle``'s routes. Returns (recv_x, recv_scales)."""
@@ -167,7 +214,7 @@ class HostBackend:
             header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
                       nt.SCALE_COLS: scales.shape[1] if scales is not None else 0}
         matrix = self.notify(OP_CACHED_DISPATCH, header, None, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.SCALE_COLS, "FP8 scale columns")))
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _SCALES))
         topo = self.topo
         hidden = x.shape[1]
         record = _C.RecordLayout(topo.num_ranks_per_node, 0, hidden * x.element_size(),
@@ -200,6 +247,7 @@ class HostBackend:
         return chunk
 
     # --- combine -------------------------------------------------------------------------
+    @_blame_first_failure
     def combine(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
                 bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
                 error: Optional[BaseException], round_rail_partials: bool = False):
@@ -214,8 +262,7 @@ class HostBackend:
                       nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0,
                       nt.PARTIAL_DTYPE: partial_dtype}
         matrix = self.notify(OP_COMBINE, header, None, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width"),
-                               (nt.PARTIAL_DTYPE, "config.round_rail_partials")))
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _COMBINE_WEIGHTS, _ROUNDING))
         topo = self.topo
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0

@@ -23,7 +23,6 @@ from ..topology import Topology
 from .dispatch_op import _ptr, _timed
 from .node_link import RETURN_SLOTS, NodeLink
 from .plan import HostHandle, stream_chunks
-from .progress import Progress
 from .rail_link import RailLink
 
 
@@ -110,7 +109,7 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
     own_rows = handle.recv_rows_by_producer[local]
     chunk_pointers = torch.zeros(L, dtype=torch.int64)
 
-    progress = Progress(timeout_s, "combine", blocker, node.local_pids, bell=node)
+    progress = node.progress(timeout_s, "combine", blocker)
     while True:
         progressed = False
 

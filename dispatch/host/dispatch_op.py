@@ -23,7 +23,6 @@ from .. import profile as _profile
 from ..topology import Topology
 from .node_link import OUTBOX_SLOTS, NodeLink
 from .plan import Chunk, SendPlan, stream_chunks
-from .progress import Progress
 from .rail_link import RailLink
 
 
@@ -163,7 +162,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 return sender.peer
         return None
 
-    progress = Progress(timeout_s, "dispatch", blocker, node.local_pids, bell=node)
+    progress = node.progress(timeout_s, "dispatch", blocker)
     while True:
         progressed = False
         for sender in senders:

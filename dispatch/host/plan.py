@@ -112,6 +112,8 @@ class HostHandle:
         recv_rows_by_producer: per local producer, per chunk of its schedule, the rows of this
             rank that chunk filled (int32), in record order.
         recv_src_rank / recv_src_token: source of every received row.
+        buffer_token: the identity of the buffer that made it (its shared-memory token).
+        num_ranks / num_ranks_per_node: the topology it was made on.
     """
 
     num_tokens: int
@@ -127,8 +129,21 @@ class HostHandle:
     recv_rows_by_producer: List[List[torch.Tensor]]
     recv_src_rank: torch.Tensor
     recv_src_token: torch.Tensor
+    buffer_token: str = ""
+    num_ranks: int = 0
+    num_ranks_per_node: int = 0
 
     @property
     def num_recv_rows(self) -> int:
         """Rows of the tensors dispatch returned."""
         return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
+
+    def check_usable(self, topo: Topology, buffer_token: str) -> None:
+        """Raises ``ValueError`` unless this handle was made by the buffer ``buffer_token`` (same
+        topology): its routes, chunk sizes and ring positions belong to that buffer."""
+        if (self.num_ranks, self.num_ranks_per_node) != (topo.num_ranks, topo.num_ranks_per_node):
+            raise ValueError(f"handle: made on {self.num_ranks} ranks with num_ranks_per_node="
+                             f"{self.num_ranks_per_node}, but this Buffer has {topo.num_ranks} ranks with "
+                             f"num_ranks_per_node={topo.num_ranks_per_node}")
+        if self.buffer_token != buffer_token:
+            raise ValueError("handle: made by another Buffer; pass a handle from this Buffer's dispatch")

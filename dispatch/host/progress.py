@@ -39,15 +39,18 @@ class Progress:
         local_pids: global rank -> pid of node peers, checked for death while stalled.
         bell: an object with ``bell_rings()`` and ``wait_bell(seen, timeout_s)`` (the node
             link); every change a pass can wait on must ring it.
+        failures: the buffer's ``FailureBoard``: a stalled pass gives up at once, naming the
+            first failed rank, when another rank recorded one.
     """
 
     def __init__(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]],
-                 local_pids: Optional[dict] = None, bell: Any = None) -> None:
+                 local_pids: Optional[dict] = None, bell: Any = None, failures: Any = None) -> None:
         self.timeout_s = timeout_s
         self.what = what
         self.blocker = blocker
         self.local_pids = local_pids or {}
         self.bell = bell
+        self.failures = failures
         # Read before the first pass: a ring during a pass makes the next wait return at once.
         self._seen = bell.bell_rings() if bell is not None else 0
         self._sleep_s = _SLEEP_MIN_S
@@ -64,6 +67,9 @@ class Progress:
                 self._seen = self.bell.bell_rings()
             return
         now = time.monotonic()
+        origin = self.failures.origin() if self.failures is not None else None
+        if origin is not None:
+            raise PeerTimeoutError(origin, f"failed first; {self.what} on this rank gave up")
         if now - self._last_pid_check > _PID_CHECK_INTERVAL_S:
             self._last_pid_check = now
             for rank, pid in self.local_pids.items():
