@@ -132,3 +132,9 @@ def test_benchmark_zero_tokens(cluster_factory):
     for op in ("dispatch", "combine"):
         assert res["ops"][op]["rail_bytes_total"] == 0 and res["ops"][op]["time"]["median_us"] > 0
     assert "equal the planner's exact counts: yes" in all_to_all.format_report(res)
+
+
+def test_sm_sweep_says_when_cores_are_too_few():
+    few = {"world_size": 4, "cores": 2}
+    assert "2 cores for 4 ranks" in sm_sweep.cores_note(few)
+    assert sm_sweep.cores_note({"world_size": 4, "cores": 64}) is None

@@ -12,6 +12,7 @@
 #include "../host/combine_reduce.h"
 #include "../host/dispatch_records.h"
 #include "../host/doorbell.h"
+#include "../host/parallel.h"
 #include "../host/shm_segment.h"
 
 namespace py = pybind11;
@@ -120,6 +121,15 @@ PYBIND11_MODULE(_C, m) {
       "doorbell_wait",
       [](uintptr_t bell, uint32_t seen, double timeout_s) { return doorbell_wait(as_ptr<Doorbell>(bell), seen, timeout_s); },
       py::arg("bell"), py::arg("seen"), py::arg("timeout_s"), nogil);
+
+  // Profiling: per-worker slices of the movers (dispatch.profile).
+  m.def("set_slice_log", [](bool enabled) { SliceLog::instance().set_enabled(enabled); });
+  m.def("take_slices", [] {
+    py::list out;
+    for (const WorkerSlice& s : SliceLog::instance().take())
+      out.append(py::make_tuple(s.worker, s.start_ns, s.end_ns, s.items));
+    return out;
+  });
 
   m.def("compute_layout", &layout_entry, nogil);
   m.def("plan_dispatch_sends", &plan_entry, nogil);

@@ -13,8 +13,9 @@ from ..errors import PeerTimeoutError
 from ..topology import Topology
 from . import notify as nt
 from .combine_op import run_combine
-from .dispatch_op import DispatchPayload, ReceiveTensors, _ptr, run_dispatch
+from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
 from .memory import host_empty
+from .movers import ptr
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
 from .rail_link import RailLink
@@ -279,8 +280,8 @@ class HostBackend:
         weights = topk_weights.contiguous() if topk_weights is not None else None
         out = host_empty((handle.num_tokens, hidden), x.dtype)
         bias0, bias1 = bias
-        output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], _ptr(bias0),
-                                  DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, _ptr(bias1),
+        output = _C.CombineOutput(out.dataptr(), DTYPE_CODES[x.dtype], ptr(bias0),
+                                  DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, ptr(bias1),
                                   DTYPE_CODES[bias1.dtype] if bias1 is not None else 0)
         run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
                     acc_weights, return_layout, partial_layout, output, self.rail_staging, num_threads,

@@ -12,17 +12,16 @@ Because no step waits on another, no cycle of ranks can deadlock.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from .. import _C
-from .. import profile as _profile
 from ..topology import Topology
 from .node_link import OUTBOX_SLOTS, NodeLink
 from .plan import Chunk, SendPlan, stream_chunks
+from .movers import ptr, timed
 from .rail_link import RailLink
 
 
@@ -55,20 +54,6 @@ class ReceiveTensors:
     experts_per_rank: int
 
 
-def _ptr(tensor: Optional[torch.Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def _timed(kernel: str, num_bytes: int, fn, *args):
-    """Runs a C++ mover, recording it for dispatch.profile when profiling is on."""
-    if not _profile.is_enabled():
-        return fn(*args)
-    start_ns = time.perf_counter_ns()
-    result = fn(*args)
-    _profile.record(kernel, 0, start_ns, time.perf_counter_ns(), num_bytes)
-    return result
-
-
 class _RailSender:
     """This rank's chunk stream to one remote node, through two staging slots."""
 
@@ -97,9 +82,9 @@ class _RailSender:
             begin = self.next_chunk * self.chunk_records
             count = self.chunks[self.next_chunk]
             buffer = self.staging[slot]
-            _timed("dispatch.pack_rail", count * record.bytes, _C.pack_records, buffer.data_ptr(), record,
-                   payload.x.data_ptr(), _ptr(payload.scales), _ptr(payload.topk_idx), _ptr(payload.topk_weights),
-                   src_rank, self.tokens[begin:].data_ptr(), self.dst_rows[begin:].data_ptr(), count, num_threads)
+            timed("dispatch.pack_rail", count * record.bytes, _C.pack_records, buffer.dataptr(), record,
+                   payload.x.dataptr(), ptr(payload.scales), ptr(payload.topk_idx), ptr(payload.topk_weights),
+                   src_rank, self.tokens[begin:].dataptr(), self.dst_rows[begin:].dataptr(), count, num_threads)
             self.works[slot] = rail.isend(buffer[:count * record.bytes], self.peer, self.next_chunk)
             self.next_chunk += 1
             progressed = True
@@ -176,9 +161,9 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 address = node.outbox_slot(local, base_published + filled)
                 if src == me:
                     begin = chunk * chunk_records
-                    _timed("dispatch.pack_node", count * rb, _C.pack_records, address, record, payload.x.data_ptr(),
-                           _ptr(payload.scales), _ptr(payload.topk_idx), _ptr(payload.topk_weights), me,
-                           own_tokens[begin:].data_ptr(), own_dst_rows[begin:].data_ptr(), count, num_threads)
+                    timed("dispatch.pack_node", count * rb, _C.pack_records, address, record, payload.x.dataptr(),
+                           ptr(payload.scales), ptr(payload.topk_idx), ptr(payload.topk_weights), me,
+                           own_tokens[begin:].dataptr(), own_dst_rows[begin:].dataptr(), count, num_threads)
                     if outbox_dst_rows is not None:
                         outbox_dst_rows[record_begin[filled]:record_begin[filled + 1]] = \
                             own_dst_rows[begin:begin + count]
@@ -192,7 +177,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 del receiving[index]
                 if outbox_dst_rows is not None:
                     _C.copy_dst_rows(node.outbox_slot(local, base_published + index), record, schedule[index][2],
-                                     outbox_dst_rows[record_begin[index]:].data_ptr())
+                                     outbox_dst_rows[record_begin[index]:].dataptr())
                 ready[index] = True
                 progressed = True
         if published < filled and ready[published]:
@@ -211,13 +196,11 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
             while read_next[j] < min(available, len(producer_schedule)):
                 _, _, count = producer_schedule[read_next[j]]
                 position = read_base[j] + read_next[j]
-                start_ns = time.perf_counter_ns() if _profile.is_enabled() else 0
-                received = _C.unpack_records(node.outbox_slot(j, position), record, count, local, recv.x.data_ptr(),
-                                             _ptr(recv.scales), _ptr(recv.topk_idx), _ptr(recv.topk_weights),
-                                             recv.expert_begin, recv.experts_per_rank, rows_buf.data_ptr(),
-                                             src_rank_buf.data_ptr(), src_token_buf.data_ptr(), num_threads)
-                if start_ns:
-                    _profile.record("dispatch.node_copy", 0, start_ns, time.perf_counter_ns(), received * rb)
+                received = timed("dispatch.node_copy", lambda n: n * rb, _C.unpack_records,
+                                 node.outbox_slot(j, position), record, count, local, recv.x.dataptr(),
+                                 ptr(recv.scales), ptr(recv.topk_idx), ptr(recv.topk_weights),
+                                 recv.expert_begin, recv.experts_per_rank, rows_buf.dataptr(),
+                                 src_rank_buf.dataptr(), src_token_buf.dataptr(), num_threads)
                 node.store(node.outbox_acked(j, local), position + 1)
                 node.ring(j)
                 read_next[j] += 1
