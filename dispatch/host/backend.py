@@ -280,7 +280,7 @@ class HostBackend:
         weights = topk_weights.contiguous() if topk_weights is not None else None
         out = host_empty((handle.num_tokens, hidden), x.dtype)
         bias0, bias1 = bias
-        output = _C.CombineOutput(out.dataptr(), DTYPE_CODES[x.dtype], ptr(bias0),
+        output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], ptr(bias0),
                                   DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, ptr(bias1),
                                   DTYPE_CODES[bias1.dtype] if bias1 is not None else 0)
         run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,

@@ -121,8 +121,8 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
                     break
                 rows = returns[q][return_next[q]]
                 timed("combine.node_copy", rows.numel() * rrb, _C.gather_return_rows,
-                       node.return_slot(local, q, position), return_layout, x.dataptr(), ptr(weights),
-                       rows.dataptr(), rows.numel(), num_threads)
+                       node.return_slot(local, q, position), return_layout, x.data_ptr(), ptr(weights),
+                       rows.data_ptr(), rows.numel(), num_threads)
                 node.store(node.return_published(local, q), position + 1)
                 node.ring(q)
                 return_next[q] += 1
@@ -154,10 +154,10 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
             for j in involved:
                 chunk_pointers[j] = node.return_slot(j, local, consumed_base[j] + consumed_next[j])
             tokens = own_tokens[chunk * C:chunk * C + count] if out is None else None
-            timed("combine.reduce", count * pb, _C.reduce_chunk, dst_rows.dataptr(), count, L,
-                   chunk_pointers.dataptr(), return_layout, local, x.dataptr(), ptr(weights),
-                   own_rows[reduce_next].dataptr(), x.shape[1], x_dtype_code, ptr(out),
-                   acc.dataptr() if out is None else 0, ptr(acc_weights) if out is None else 0, ptr(tokens),
+            timed("combine.reduce", count * pb, _C.reduce_chunk, dst_rows.data_ptr(), count, L,
+                   chunk_pointers.data_ptr(), return_layout, local, x.data_ptr(), ptr(weights),
+                   own_rows[reduce_next].data_ptr(), x.shape[1], x_dtype_code, ptr(out),
+                   acc.data_ptr() if out is None else 0, ptr(acc_weights) if out is None else 0, ptr(tokens),
                    partial_layout, num_threads)
             for j in involved:
                 consumed_next[j] += 1
@@ -187,9 +187,9 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
                 break
             count = chunks[phase_chunk]
             tokens = handle.send_plan.tokens(m)[phase_chunk * C:phase_chunk * C + count]
-            timed("combine.accumulate", count * pb, _C.accumulate_partials, acc.dataptr(), ptr(acc_weights),
-                   recv_slots[peer][phase_chunk % 2].dataptr(), partial_layout, tokens.dataptr(), count,
-                   last_term[phase][phase_chunk * C:].dataptr(), output, num_threads)
+            timed("combine.accumulate", count * pb, _C.accumulate_partials, acc.data_ptr(), ptr(acc_weights),
+                   recv_slots[peer][phase_chunk % 2].data_ptr(), partial_layout, tokens.data_ptr(), count,
+                   last_term[phase][phase_chunk * C:].data_ptr(), output, num_threads)
             del recv_works[m][phase_chunk]
             phase_chunk += 1
             if phase_chunk == len(chunks):
@@ -204,5 +204,5 @@ def run_combine(topo: Topology, node: NodeLink, rail: RailLink, handle: HostHand
         progress.step(progressed)
 
     rest = (final_phase == -1).nonzero().flatten().to(torch.int32)
-    _C.finalize_combine(acc.dataptr(), acc.element_size(), acc.shape[1], rest.dataptr(), rest.numel(), output,
+    _C.finalize_combine(acc.data_ptr(), acc.element_size(), acc.shape[1], rest.data_ptr(), rest.numel(), output,
                         num_threads)

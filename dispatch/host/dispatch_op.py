@@ -82,9 +82,9 @@ class _RailSender:
             begin = self.next_chunk * self.chunk_records
             count = self.chunks[self.next_chunk]
             buffer = self.staging[slot]
-            timed("dispatch.pack_rail", count * record.bytes, _C.pack_records, buffer.dataptr(), record,
-                   payload.x.dataptr(), ptr(payload.scales), ptr(payload.topk_idx), ptr(payload.topk_weights),
-                   src_rank, self.tokens[begin:].dataptr(), self.dst_rows[begin:].dataptr(), count, num_threads)
+            timed("dispatch.pack_rail", count * record.bytes, _C.pack_records, buffer.data_ptr(), record,
+                   payload.x.data_ptr(), ptr(payload.scales), ptr(payload.topk_idx), ptr(payload.topk_weights),
+                   src_rank, self.tokens[begin:].data_ptr(), self.dst_rows[begin:].data_ptr(), count, num_threads)
             self.works[slot] = rail.isend(buffer[:count * record.bytes], self.peer, self.next_chunk)
             self.next_chunk += 1
             progressed = True
@@ -161,9 +161,9 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 address = node.outbox_slot(local, base_published + filled)
                 if src == me:
                     begin = chunk * chunk_records
-                    timed("dispatch.pack_node", count * rb, _C.pack_records, address, record, payload.x.dataptr(),
+                    timed("dispatch.pack_node", count * rb, _C.pack_records, address, record, payload.x.data_ptr(),
                            ptr(payload.scales), ptr(payload.topk_idx), ptr(payload.topk_weights), me,
-                           own_tokens[begin:].dataptr(), own_dst_rows[begin:].dataptr(), count, num_threads)
+                           own_tokens[begin:].data_ptr(), own_dst_rows[begin:].data_ptr(), count, num_threads)
                     if outbox_dst_rows is not None:
                         outbox_dst_rows[record_begin[filled]:record_begin[filled + 1]] = \
                             own_dst_rows[begin:begin + count]
@@ -177,7 +177,7 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 del receiving[index]
                 if outbox_dst_rows is not None:
                     _C.copy_dst_rows(node.outbox_slot(local, base_published + index), record, schedule[index][2],
-                                     outbox_dst_rows[record_begin[index]:].dataptr())
+                                     outbox_dst_rows[record_begin[index]:].data_ptr())
                 ready[index] = True
                 progressed = True
         if published < filled and ready[published]:
@@ -197,10 +197,10 @@ def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: Dispat
                 _, _, count = producer_schedule[read_next[j]]
                 position = read_base[j] + read_next[j]
                 received = timed("dispatch.node_copy", lambda n: n * rb, _C.unpack_records,
-                                 node.outbox_slot(j, position), record, count, local, recv.x.dataptr(),
+                                 node.outbox_slot(j, position), record, count, local, recv.x.data_ptr(),
                                  ptr(recv.scales), ptr(recv.topk_idx), ptr(recv.topk_weights),
-                                 recv.expert_begin, recv.experts_per_rank, rows_buf.dataptr(),
-                                 src_rank_buf.dataptr(), src_token_buf.dataptr(), num_threads)
+                                 recv.expert_begin, recv.experts_per_rank, rows_buf.data_ptr(),
+                                 src_rank_buf.data_ptr(), src_token_buf.data_ptr(), num_threads)
                 node.store(node.outbox_acked(j, local), position + 1)
                 node.ring(j)
                 read_next[j] += 1
