@@ -114,9 +114,8 @@ def test_disabled_check_is_cheap():
 def _profiled_job(ctx):
     from dispatch import Buffer
     from bench.common import gen_topk_idx
-    buf = ctx.cache.get("profile_buf")
-    if buf is None:
-        buf = ctx.cache["profile_buf"] = Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node)
+    # Not kept in ctx.cache: a buffer left alive would count as a leak in test_shm_cleanup.
+    buf = Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node)
     E = 4 * ctx.world_size
     idx = gen_topk_idx(64, E, 4, ctx.world_size, ctx.ranks_per_node, None, seed=1, rank=ctx.rank)
     x = torch.randn(64, 256).to(torch.bfloat16)
@@ -127,6 +126,7 @@ def _profiled_job(ctx):
         buf.combine(recv_x, handle, topk_weights=recv_w)
     # off again: nothing more is recorded
     buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    buf.destroy()
     mine = prof.records
     prof.gather(ctx.group)
     return [r.__dict__ for r in mine], len(prof.records)

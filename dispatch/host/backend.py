@@ -12,13 +12,14 @@ from .. import _C
 from ..errors import PeerTimeoutError
 from ..topology import Topology
 from . import notify as nt
-from .combine_op import run_combine
+from .combine_op import CombineInput, run_combine
 from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
 from .memory import host_empty
 from .movers import ptr
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
 from .rail_link import RailLink
+from .rail_staging import RailStaging
 
 DEFAULT_NVL_BYTES = 512 << 20
 DEFAULT_RDMA_BYTES = 512 << 20
@@ -81,18 +82,10 @@ class HostBackend:
                              nt.notify_words(topo.num_ranks, topo.num_nodes))
         self.rail = RailLink(group, topo, timeout_s)
         self.rail.on_complete = self.node.ring_self
-        remote = topo.num_nodes - 1
-        self.rdma_slot_bytes = max(4096, (num_rdma_bytes or DEFAULT_RDMA_BYTES) // max(1, 4 * remote))
-        self._rail_staging: List[torch.Tensor] = []
+        self.staging = RailStaging(topo.num_nodes - 1, num_rdma_bytes or DEFAULT_RDMA_BYTES)
+        self.rdma_slot_bytes = self.staging.slot_bytes
         self._seq = 0
         self.last_stats: Dict[str, object] = {}
-
-    @property
-    def rail_staging(self) -> List[torch.Tensor]:
-        if not self._rail_staging:
-            self._rail_staging = [torch.empty(self.rdma_slot_bytes, dtype=torch.uint8)
-                                  for _ in range(4 * (self.topo.num_nodes - 1))]
-        return self._rail_staging
 
     def check_handle(self, handle: object) -> HostHandle:
         """Raises ``TypeError``/``ValueError`` unless ``handle`` is this buffer's (local check:
@@ -180,16 +173,14 @@ class HostBackend:
         if topk_idx is not None:
             recv_topk_idx = torch.full((rows, k), -1, dtype=torch.int64)
             recv_topk_weights = torch.zeros((rows, k), dtype=torch.float32)
-        log: Dict[str, object] = {"recv_src_rank": torch.full((rows,), -1, dtype=torch.int32),
-                                  "recv_src_token": torch.full((rows,), -1, dtype=torch.int32)}
         weights = topk_weights if topk_weights is not None else (
             torch.ones_like(topk_idx, dtype=torch.float32) if topk_idx is not None else None)
         payload_bytes = DispatchPayload(_bytes(x), _bytes(scales) if scales is not None else None,
                                         topk_idx, weights)
         receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
                                  recv_topk_idx, recv_topk_weights, topo.rank * experts_per_rank, experts_per_rank)
-        run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
-                     self.rail_staging, record, num_threads, self.timeout_s, log)
+        routes = run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
+                              self.staging, record, num_threads, self.timeout_s, num_recv_rows=rows)
 
         local_expert_counts = expert_counts_all[:, topo.rank * experts_per_rank:(topo.rank + 1) * experts_per_rank]
         per_expert = local_expert_counts.sum(dim=0).tolist()
@@ -197,9 +188,9 @@ class HostBackend:
         handle = HostHandle(num_tokens=num_tokens, num_recv_tokens=num_recv, num_worst_tokens=num_worst_tokens,
                             hidden=hidden, chunk_records=chunk_records, node_counts=node_counts_all,
                             rank_counts=rank_counts, send_plan=plan, schedules=schedules,
-                            outbox_dst_rows=log["outbox_dst_rows"],
-                            recv_rows_by_producer=log["recv_rows_by_producer"],
-                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"],
+                            outbox_dst_rows=routes.outbox_dst_rows,
+                            recv_rows_by_producer=routes.recv_rows_by_producer,
+                            recv_src_rank=routes.recv_src_rank, recv_src_token=routes.recv_src_token,
                             buffer_token=self.node.token, num_ranks=R, num_ranks_per_node=L)
         self._record_dispatch_stats(handle, record.bytes)
         if topk_idx is None:
@@ -230,7 +221,7 @@ class HostBackend:
         receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
                                  None, None, 0, 1)
         run_dispatch(topo, self.node, self.rail, payload, receive, handle.send_plan, handle.schedules,
-                     handle.chunk_records, self.rail_staging, record, num_threads, self.timeout_s, None)
+                     handle.chunk_records, self.staging, record, num_threads, self.timeout_s)
         self._record_dispatch_stats(handle, record.bytes)
         return recv_x, recv_scales
 
@@ -283,9 +274,9 @@ class HostBackend:
         output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], ptr(bias0),
                                   DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, ptr(bias1),
                                   DTYPE_CODES[bias1.dtype] if bias1 is not None else 0)
-        run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
-                    acc_weights, return_layout, partial_layout, output, self.rail_staging, num_threads,
-                    self.timeout_s)
+        data = CombineInput(_bytes(x), DTYPE_CODES[x.dtype], weights, acc, acc_weights, return_layout, partial_layout,
+                            output)
+        run_combine(topo, self.node, self.rail, handle, data, self.staging, num_threads, self.timeout_s)
         self._record_combine_stats(handle, return_layout.bytes, partial_layout.bytes)
         return out, acc_weights
 
@@ -311,7 +302,7 @@ class HostBackend:
     def destroy(self) -> None:
         self.rail.close()
         self.node.close()
-        self._rail_staging = []
+        self.staging.free()
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

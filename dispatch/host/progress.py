@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from ..errors import PeerTimeoutError
 
@@ -85,3 +85,39 @@ class Progress:
             return
         time.sleep(self._sleep_s)
         self._sleep_s = min(_SLEEP_MAX_S, self._sleep_s * 2)
+
+
+class Role(Protocol):
+    """One part of a rank's work in an event loop (dispatch: rail sender, outbox filler, placer;
+    combine: returner, reducer, accumulator). ``step`` never blocks."""
+
+    def step(self) -> bool:
+        """Does whatever is ready; True if anything moved."""
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to do in this call."""
+
+    def waiting_on(self) -> Optional[int]:
+        """The global rank this role cannot go on without, if any (for the timeout's message)."""
+
+
+def first_waited(roles: Sequence[Role]) -> Optional[int]:
+    """The rank the first waiting role of ``roles`` waits on."""
+    for role in roles:
+        rank = role.waiting_on()
+        if rank is not None:
+            return rank
+    return None
+
+
+def drive(roles: Sequence[Role], progress: Progress) -> None:
+    """The event loop: every pass steps each role in order, until all are done; a pass that
+    moved nothing sleeps (``progress.step``), and raises after the timeout."""
+    while True:
+        progressed = False
+        for role in roles:
+            progressed |= role.step()
+        if all(role.done for role in roles):
+            return
+        progress.step(progressed)
