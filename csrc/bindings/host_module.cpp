@@ -12,6 +12,7 @@
 #include "../host/combine_reduce.h"
 #include "../host/dispatch_records.h"
 #include "../host/doorbell.h"
+#include "../host/mover_args.h"
 #include "../host/parallel.h"
 #include "../host/shm_segment.h"
 
@@ -173,20 +174,30 @@ PYBIND11_MODULE(_C, m) {
                            as_ptr<const int32_t>(rows), num_rows, num_threads);
       },
       nogil);
+  py::class_<ReduceChunkArgs>(m, "ReduceChunkArgs")
+      .def(py::init<>())
+      .def_readwrite("dst_rows", &ReduceChunkArgs::dst_rows)
+      .def_readwrite("num_records", &ReduceChunkArgs::num_records)
+      .def_readwrite("num_ranks_per_node", &ReduceChunkArgs::num_ranks_per_node)
+      .def_readwrite("return_chunks", &ReduceChunkArgs::return_chunks)
+      .def_readwrite("return_layout", &ReduceChunkArgs::return_layout)
+      .def_readwrite("self_local_rank", &ReduceChunkArgs::self_local_rank)
+      .def_readwrite("self_x", &ReduceChunkArgs::self_x)
+      .def_readwrite("self_weights", &ReduceChunkArgs::self_weights)
+      .def_readwrite("self_rows", &ReduceChunkArgs::self_rows)
+      .def_readwrite("x_row_bytes", &ReduceChunkArgs::x_row_bytes)
+      .def_readwrite("dtype", &ReduceChunkArgs::dtype)
+      .def_readwrite("partials", &ReduceChunkArgs::partials)
+      .def_readwrite("acc", &ReduceChunkArgs::acc)
+      .def_readwrite("acc_weights", &ReduceChunkArgs::acc_weights)
+      .def_readwrite("token_ids", &ReduceChunkArgs::token_ids)
+      .def_readwrite("partial_layout", &ReduceChunkArgs::partial_layout)
+      .def("check", &ReduceChunkArgs::check);
+  // A bad argument raises ValueError (std::invalid_argument) before any byte moves.
   m.def(
       "reduce_chunk",
-      [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl,
-         int self_local, uintptr_t self_x, uintptr_t self_weights, uintptr_t self_rows, int64_t self_x_row_bytes,
-         int dtype, uintptr_t partials, uintptr_t acc, uintptr_t acc_weights, uintptr_t token_ids,
-         const PartialRowLayout& pl, int num_threads) {
-        const ReduceTarget target{as_ptr<uint8_t>(partials), as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights),
-                                  as_ptr<const int32_t>(token_ids)};
-        const SelfRows self{self_local, as_ptr<const uint8_t>(self_x), as_ptr<const float>(self_weights),
-                            as_ptr<const int32_t>(self_rows), self_x_row_bytes};
-        reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl, self,
-                     static_cast<DType>(dtype), target, pl, num_threads);
-      },
-      nogil);
+      [](const ReduceChunkArgs& args, int num_threads) { dispatch::host::reduce_chunk(args, num_threads); },
+      py::arg("args"), py::arg("num_threads"), nogil);
   py::class_<CombineOutput>(m, "CombineOutput")
       .def(py::init([](uintptr_t out, int out_dtype, uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype) {
              return CombineOutput{as_ptr<uint8_t>(out), static_cast<DType>(out_dtype), as_ptr<const uint8_t>(bias0),

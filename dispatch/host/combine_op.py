@@ -142,6 +142,18 @@ class Reducer:
                 if j != local:
                     self.expected[j].append(index)
         self.chunk_pointers = torch.zeros(L, dtype=torch.int64)
+        # The mover's arguments: the fixed ones once, the per-chunk ones in _reduce.
+        d = mover.data
+        self.args = _C.ReduceChunkArgs()
+        self.args.num_ranks_per_node = L
+        self.args.return_chunks = self.chunk_pointers.data_ptr()
+        self.args.return_layout = d.return_layout
+        self.args.self_local_rank = local
+        self.args.self_x = d.x.data_ptr()
+        self.args.self_weights = ptr(d.weights)
+        self.args.x_row_bytes = d.x.shape[1]
+        self.args.dtype = d.x_dtype_code
+        self.args.partial_layout = d.partial_layout
 
     @property
     def own_tokens_reduced(self) -> bool:
@@ -180,13 +192,15 @@ class Reducer:
         self.chunk_pointers.zero_()
         for j in involved:
             self.chunk_pointers[j] = node.return_slot(j, local, self.consumed_base[j] + self.consumed_next[j])
-        dst_rows = m.handle.outbox_dst_rows[self.record_begin[index]:self.record_begin[index + 1]]
-        tokens = self.own_tokens[chunk * C:chunk * C + count] if out is None else None
-        timed("combine.reduce", count * d.partial_layout.bytes, _C.reduce_chunk, dst_rows.data_ptr(), count, L,
-              self.chunk_pointers.data_ptr(), d.return_layout, local, d.x.data_ptr(), ptr(d.weights),
-              self.own_rows[index].data_ptr(), d.x.shape[1], d.x_dtype_code, ptr(out),
-              d.acc.data_ptr() if out is None else 0, ptr(d.acc_weights) if out is None else 0, ptr(tokens),
-              d.partial_layout, m.num_threads)
+        args = self.args
+        args.dst_rows = m.handle.outbox_dst_rows[self.record_begin[index]:].data_ptr()
+        args.num_records = count
+        args.self_rows = self.own_rows[index].data_ptr()
+        args.partials = ptr(out)
+        args.acc = d.acc.data_ptr() if out is None else 0
+        args.acc_weights = ptr(d.acc_weights) if out is None else 0
+        args.token_ids = self.own_tokens[chunk * C:].data_ptr() if out is None else 0
+        timed("combine.reduce", count * d.partial_layout.bytes, _C.reduce_chunk, args, m.num_threads)
         for j in involved:
             self.consumed_next[j] += 1
             node.store(node.return_consumed(j, local), self.consumed_base[j] + self.consumed_next[j])
