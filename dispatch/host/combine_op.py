@@ -26,7 +26,7 @@ from ..topology import Topology
 from .movers import ptr, timed
 from .node_link import RETURN_SLOTS, NodeLink
 from .plan import HostHandle, stream_chunks
-from .progress import drive, first_waited
+from .progress import drive, first_behind, first_waited
 from .rail_link import Pending, RailLink
 from .rail_staging import RailStaging
 
@@ -102,13 +102,11 @@ class Returner:
 
     @property
     def done(self) -> bool:
-        return all(self.next[q] == len(chunks) for q, chunks in enumerate(self.returns))
+        return first_behind(self.next, self.returns) is None
 
     def waiting_on(self) -> Optional[int]:
-        for q, chunks in enumerate(self.returns):
-            if self.next[q] < len(chunks):
-                return self.mover.topo.rank_of(self.mover.topo.node, q)
-        return None
+        q = first_behind(self.next, self.returns)
+        return None if q is None else self.mover.topo.rank_of(self.mover.topo.node, q)
 
 
 class Reducer:
@@ -216,11 +214,8 @@ class Reducer:
                 and all(w is None for works in self.send_works.values() for w in works))
 
     def waiting_on(self) -> Optional[int]:
-        if self.next < len(self.schedule):
-            for j in range(self.mover.topo.num_ranks_per_node):
-                if self.consumed_next[j] < len(self.expected[j]):
-                    return self.mover.topo.rank_of(self.mover.topo.node, j)
-        return None
+        j = first_behind(self.consumed_next, self.expected) if self.next < len(self.schedule) else None
+        return None if j is None else self.mover.topo.rank_of(self.mover.topo.node, j)
 
 
 class Accumulator:

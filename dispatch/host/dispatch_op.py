@@ -23,7 +23,7 @@ from ..topology import Topology
 from .movers import ptr, timed
 from .node_link import OUTBOX_SLOTS, NodeLink
 from .plan import Chunk, SendPlan, stream_chunks
-from .progress import drive, first_waited
+from .progress import drive, first_behind, first_waited
 from .rail_link import Pending, RailLink
 from .rail_staging import RailStaging
 
@@ -256,13 +256,11 @@ class Placer:
 
     @property
     def done(self) -> bool:
-        return all(self.read_next[j] == len(s) for j, s in enumerate(self.schedules))
+        return first_behind(self.read_next, self.schedules) is None
 
     def waiting_on(self) -> Optional[int]:
-        for j, producer_schedule in enumerate(self.schedules):
-            if self.read_next[j] < len(producer_schedule):
-                return self.mover.topo.rank_of(self.mover.topo.node, j)
-        return None
+        j = first_behind(self.read_next, self.schedules)
+        return None if j is None else self.mover.topo.rank_of(self.mover.topo.node, j)
 
 
 def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: DispatchPayload, recv: ReceiveTensors,

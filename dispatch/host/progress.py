@@ -102,6 +102,15 @@ class Role(Protocol):
         """The global rank this role cannot go on without, if any (for the timeout's message)."""
 
 
+def first_behind(positions: Sequence[int], streams: Sequence[Sequence[Any]]) -> Optional[int]:
+    """The first local rank ``j`` whose stream ``streams[j]`` is not consumed up to its end
+    (``positions[j]`` items done), or None when all are."""
+    for j, stream in enumerate(streams):
+        if positions[j] < len(stream):
+            return j
+    return None
+
+
 def first_waited(roles: Sequence[Role]) -> Optional[int]:
     """The rank the first waiting role of ``roles`` waits on."""
     for role in roles:
