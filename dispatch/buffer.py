@@ -89,18 +89,19 @@ class Buffer(DeepEPBufferExtras):
                  explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Optional[Any] = None,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0,
                  device: Union[None, str, torch.device] = None) -> None:
-        # What dispatch does not have is refused before anything collective (no group needed).
+        # What dispatch does not have, and the device keyword, are refused before anything
+        # collective (no group needed).
         check_deepep_buffer_options(low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
                                     use_fabric, explicitly_destroy, enable_shrink, comm)
         self._backend: Optional[Backend] = None
         loopback = getattr(group, "is_loopback", False)
+        kind, index = _device_kind(group.device_kind if loopback and device is None else device)
         self.group = group
         if loopback:
             self.rank, self.group_size = group.rank, group.size
         else:
             self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
         error: Optional[BaseException] = None
-        kind, index = "cpu", None
         try:
             if num_ranks_per_node is None:  # first: by host name it is collective, so every rank calls it
                 num_ranks_per_node = self.group_size if loopback else detect_num_ranks_per_node(group)
@@ -108,7 +109,6 @@ class Buffer(DeepEPBufferExtras):
             V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
             if not timeout_s > 0:
                 raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
-            kind, index = _device_kind(group.device_kind if loopback and device is None else device)
             if kind == "cpu" and loopback:
                 raise ValueError("device='cpu' runs ranks as processes: a loopback group needs 'cuda' or 'simt'")
             V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
