@@ -120,10 +120,17 @@ def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_
         routes = torch.full((n, L), -1, dtype=torch.int32)
         routes[:, :fan_in] = rows.view(n, 1)
 
+        args = []
+        for g in range(groups):
+            a = _C.ReduceChunkArgs()
+            a.dst_rows, a.num_records, a.num_ranks_per_node = routes.data_ptr(), n, L
+            a.return_chunks, a.return_layout, a.dtype = pointers[g].data_ptr(), return_layout, code
+            a.partials, a.partial_layout = partials[g].data_ptr(), partial_layout
+            args.append(a)
+
         def run() -> None:
-            for g in range(groups):
-                _C.reduce_chunk(routes.data_ptr(), n, L, pointers[g].data_ptr(), return_layout, -1, 0, 0, 0, 0,
-                                code, partials[g].data_ptr(), 0, 0, 0, partial_layout, 1)
+            for a in args:
+                _C.reduce_chunk(a, 1)
         return run
 
     # cost(fan_in) = first + (fan_in - 1) * more, per record: two fan-ins give both terms.
