@@ -23,11 +23,16 @@ import dispatch  # noqa: E402
 TIMEOUT_S = 10.0
 
 
+def say(line: str) -> None:
+    """One write per line: the host's ranks share a pipe, and print() may split a line."""
+    os.write(1, (line + "\n").encode())
+
+
 def main() -> None:
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo")
     buf = dispatch.Buffer(dist.group.WORLD, timeout_s=TIMEOUT_S)
-    print(f"R{rank} NODES {buf.topology.num_ranks_per_node}", flush=True)
+    say(f"R{rank} NODES {buf.topology.num_ranks_per_node}")
     R, E, T, H = dist.get_world_size(), 16, 256, 64
     g = torch.Generator().manual_seed(rank)
     topk_idx = torch.stack([torch.randperm(E, generator=g)[:4] for _ in range(T)])
@@ -43,14 +48,14 @@ def main() -> None:
             recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk_idx, num_experts=E)
             combined, _, _ = buf.combine(recv_x, handle)
             if not torch.equal(combined, expected):
-                print(f"R{rank} MISMATCH", flush=True)
+                say(f"R{rank} MISMATCH")
                 break
             last_good = time.monotonic()
             i += 1
             if i == rounds:
-                print(f"R{rank} EXACT {i}", flush=True)
+                say(f"R{rank} EXACT {i}")
     except dispatch.PeerTimeoutError as error:
-        print(f"R{rank} BLAMED {error.rank} {time.monotonic() - last_good:.1f} {error}", flush=True)
+        say(f"R{rank} BLAMED {error.rank} {time.monotonic() - last_good:.1f} {error}")
     buf.destroy()
 
 
