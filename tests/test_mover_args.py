@@ -40,8 +40,10 @@ def test_good_arguments_reduce():
     ("num_records", -1, "num_records"),
     ("num_ranks_per_node", 0, "num_ranks_per_node"),
     ("self_local_rank", 2, "self_local_rank"),
+    ("self_local_rank", -2, "self_local_rank"),
     ("dtype", 4, "dtype"),
     ("x_row_bytes", 16, "x_row_bytes"),
+    ("partial_layout", _C.PartialRowLayout(4, 4, 2), "partial_layout"),
     ("dst_rows", 0, "dst_rows"),
     ("acc", 12345, "exactly one of partials and acc"),
 ])

@@ -18,7 +18,7 @@ struct ReduceChunkArgs {
   int num_ranks_per_node = 0;
   uintptr_t return_chunks = 0;    // uintptr_t [L]: each local rank's returned rows (0 = none)
   ReturnRowLayout return_layout{};
-  int self_local_rank = -1;       // the reducer
+  int self_local_rank = -1;       // the reducer (-1: no rows of its own, as in bench.calibrate)
   uintptr_t self_x = 0;           // its own rows, [n, x_row_bytes]
   uintptr_t self_weights = 0;     // float32 [n, k] or 0
   uintptr_t self_rows = 0;        // int32: rows of self_x for this chunk, in record order
@@ -35,12 +35,12 @@ struct ReduceChunkArgs {
     auto fail = [](const std::string& what) { throw std::invalid_argument("reduce_chunk: " + what); };
     if (num_records < 0) fail("num_records < 0");
     if (num_ranks_per_node < 1 || num_ranks_per_node > 64) fail("num_ranks_per_node outside [1, 64]");
-    if (self_local_rank < 0 || self_local_rank >= num_ranks_per_node) fail("self_local_rank outside [0, L)");
+    if (self_local_rank < -1 || self_local_rank >= num_ranks_per_node) fail("self_local_rank outside [-1, L)");
     if (dtype < 0 || dtype > static_cast<int>(DType::kFloat64)) fail("dtype is not a float type code");
-    if (x_row_bytes <= 0 || x_row_bytes != return_layout.hidden_bytes)
+    if (self_local_rank >= 0 && x_row_bytes != return_layout.hidden_bytes)
       fail("x_row_bytes differs from return_layout.hidden_bytes");
-    if (x_row_bytes != partial_layout.hidden * dtype_bytes(static_cast<DType>(dtype)))
-      fail("partial_layout.hidden does not match x's row");
+    if (return_layout.hidden_bytes != partial_layout.hidden * dtype_bytes(static_cast<DType>(dtype)))
+      fail("partial_layout.hidden does not match return_layout's row");
     if ((partials == 0) == (acc == 0)) fail("exactly one of partials and acc must be given");
     if (acc != 0 && token_ids == 0) fail("acc needs token_ids");
     if (acc == 0 && acc_weights != 0) fail("acc_weights without acc");

@@ -79,8 +79,7 @@ class NodeLink:
         # [parity][local rank]: int64 views of the notify rows, made once (a view costs ~20 us).
         self._notify_rows = [[self.view(self._addr(j, self._notify_rows_off + parity * notify_words * 8),
                                         notify_words * 8).view(torch.int64) for j in range(L)] for parity in (0, 1)]
-        self.failures = FailureBoard(self._addr(0, self._failure_off), f"dispatch/{self.token}/first-failure",
-                                     self.ring_node)
+        self.failures = FailureBoard(self._addr(0, self._failure_off), self.ring_node)
 
     @staticmethod
     def _map_segment(group: dist.ProcessGroup, topo: Topology,
