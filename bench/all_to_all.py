@@ -65,7 +65,8 @@ def make_inputs(rank: int, cfg: Dict[str, Any]):
 
 
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).view(t.shape[0], -1)
+    # Explicit row width: with zero rows (--tokens 0) a -1 would be ambiguous.
+    return t.contiguous().view(torch.uint8).view(t.shape[0], t.shape[1] * t.element_size())
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -160,7 +161,7 @@ def run_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Dict[str, Any]:
     L = cfg["ranks_per_node"] if not under_torchrun() else int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cfg = dict(cfg, world_size=world, ranks_per_node=L)
     group = dist.group.WORLD
-    show = rank == 0 and cfg.get("progress", True)
+    show = rank == 0 and cfg.get("progress", True) and sys.stderr.isatty()  # no bars in logs
     pbar = None
     if show:
         try:
@@ -470,27 +471,47 @@ def format_report(res: Dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.all_to_all",
-                                 description="dispatch/combine bandwidth vs all_to_all_single")
+                                 description="dispatch/combine bandwidth vs all_to_all_single",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--nodes", type=int, default=2, help="emulated nodes (ignored under torchrun)")
     ap.add_argument("--ranks-per-node", type=int, default=2, help="ranks per emulated node")
-    ap.add_argument("--tokens", type=int, default=512, help="tokens per rank")
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--node-limit", type=int, default=0, help="at most this many nodes per token (0: none)")
-    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per rank (0: only the fixed cost of a call)")
+    ap.add_argument("--hidden", type=int, default=1024, help="hidden size H")
+    ap.add_argument("--topk", type=int, default=8, help="experts per token (at most --experts)")
+    ap.add_argument("--experts", type=int, default=32, help="experts in all, a multiple of the ranks")
+    ap.add_argument("--node-limit", type=int, default=0,
+                    help="at most this many nodes per token (0: none; at most --nodes)")
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="x's dtype")
     ap.add_argument("--num-sms", type=int, default=20, help="SM budget (CPU backend: thread budget)")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="records per chunk (default: backend's)")
     ap.add_argument("--round-rail-partials", action="store_true",
                     help="Config(round_rail_partials=True): combine partials cross the rail in x's 16-bit dtype")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    ap.add_argument("--seed", type=int, default=0, help="routing and data seed")
     ap.add_argument("--model-check", action="store_true",
                     help="measure link speeds and compare the cost model's prediction with the measurement")
     ap.add_argument("--json", default=None, help="write the raw numbers to this path")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none off a terminal)")
     return ap
+
+
+def check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses arguments the benchmark would otherwise have to adjust silently."""
+    world = args.nodes * args.ranks_per_node
+    for name in ("nodes", "ranks_per_node", "hidden", "topk", "experts", "num_sms", "iters"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("tokens", "warmup", "node_limit"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.topk > args.experts:
+        ap.error(f"--topk {args.topk} exceeds --experts {args.experts}: a token picks distinct experts")
+    if not under_torchrun():
+        if args.experts % world:
+            ap.error(f"--experts {args.experts} must be a multiple of the {world} ranks")
+        if args.node_limit > args.nodes:
+            ap.error(f"--node-limit {args.node_limit} exceeds --nodes {args.nodes} (use 0 for no limit)")
 
 
 def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -505,7 +526,9 @@ def run(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    check_args(ap, args)
     res = run(args)
     if res is None:   # a non-zero rank under torchrun
         return 0

@@ -119,11 +119,20 @@ def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_
     def reduce_with(fan_in: int) -> Callable[[], None]:
         routes = torch.full((n, L), -1, dtype=torch.int32)
         routes[:, :fan_in] = rows.view(n, 1)
+        # The reducer is the last local rank: as in combine, its own rows (when fan_in reaches
+        # it) come from its expert outputs, the others' from their return chunks.
+        args = _C.ReduceChunkArgs()
+        args.num_records, args.num_ranks_per_node = n, L
+        args.return_layout, args.partial_layout = return_layout, partial_layout
+        args.self_local_rank, args.self_x, args.self_rows = L - 1, y.data_ptr(), rows.data_ptr()
+        args.self_weights = y_weights.data_ptr() if k else 0
+        args.x_row_bytes, args.dtype = hidden * c_elem, code
 
         def run() -> None:
+            args.dst_rows = routes.data_ptr()  # run keeps routes alive
             for g in range(groups):
-                _C.reduce_chunk(routes.data_ptr(), n, L, pointers[g].data_ptr(), return_layout, -1, 0, 0, 0, 0,
-                                code, partials[g].data_ptr(), 0, 0, 0, partial_layout, 1)
+                args.return_chunks, args.partials = pointers[g].data_ptr(), partials[g].data_ptr()
+                _C.reduce_chunk(args, 1)
         return run
 
     # cost(fan_in) = first + (fan_in - 1) * more, per record: two fan-ins give both terms.

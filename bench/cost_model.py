@@ -25,8 +25,10 @@ included. Dispatch copies carry the dispatch record (row + metadata); two-hop co
 partial sums in the accumulation type over the rail and ``x``-dtype rows in the node; the flat
 and hierarchical combines send ``x``-dtype rows (+ weights) on both links.
 
-CLI: ``python -m bench.cost_model --preset h800 --nodes 1,2,4,8,16 --plot cost.png`` prints a
-table and plots predicted time against node count for the three designs.
+CLI: ``python -m bench.cost_model`` prints a table per preset and draws predicted time against
+node count for the three designs (``bench/out/cost_model.png``; ``--plot PATH``, ``--no-plot``).
+The default sweep is quick (up to 8 nodes and 128 ranks, ~30 s); ``--full`` sweeps up to 16
+nodes and 512 ranks (minutes: generating routings for hundreds of ranks dominates).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence
@@ -298,7 +301,7 @@ def sweep(spec: ClusterSpec, nodes: Sequence[int], tokens: int, hidden: int, top
     if progress:
         try:
             from tqdm import tqdm
-            it = tqdm(nodes, desc=f"cost model {spec.name}", file=sys.stderr)
+            it = tqdm(nodes, desc=f"cost model {spec.name}", file=sys.stderr, disable=not sys.stderr.isatty())
         except ImportError:  # pragma: no cover
             pass
     for n in it:
@@ -360,10 +363,12 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.cost_model", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="h800,h800x4,nvl72",
                     help=f"comma-separated cluster presets: {', '.join(PRESETS)}")
-    ap.add_argument("--nodes", default="1,2,4,8,16", help="node counts to sweep")
+    ap.add_argument("--nodes", default=None, help="node counts to sweep (default 1,2,4,8; --full: 1,2,4,8,16)")
+    ap.add_argument("--full", action="store_true", help="the wide sweep: up to 16 nodes and 512 ranks (minutes)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--topk", type=int, default=8)
@@ -378,14 +383,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="torch.save'd real routing (list of per-rank topk_idx or [R,T,k]); "
                          "predicts that one routing instead of sweeping")
     ap.add_argument("--ranks-per-node", type=int, default=None, help="with --routing")
-    ap.add_argument("--max-ranks", type=int, default=512,
-                    help="skip node counts with more ranks than this (generation cost)")
+    ap.add_argument("--max-ranks", type=int, default=None,
+                    help="skip node counts with more ranks than this (generation cost; default 128, --full: 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--round-rail-partials", action="store_true",
                     help="two-hop combine partials on the rail in the 16-bit combine dtype (Config.round_rail_partials)")
-    ap.add_argument("--plot", default=None, help="PNG path for time vs node count")
+    ap.add_argument("--plot", default="bench/out/cost_model.png", help="PNG path for time vs node count")
+    ap.add_argument("--no-plot", action="store_true", help="draw nothing")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     args = ap.parse_args(argv)
+    if args.nodes is None:
+        args.nodes = "1,2,4,8,16" if args.full else "1,2,4,8"
+    if args.max_ranks is None:
+        args.max_ranks = 512 if args.full else 128
+    if args.no_plot:
+        args.plot = None
 
     specs = []
     for name in args.preset.split(","):
@@ -435,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               + (", combine partials rounded on the rail)" if args.round_rail_partials else ")"))
         print(format_rows(rows))
     if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot_sweeps(results, args.plot, f"predicted time per call, T={args.tokens} tokens/rank, "
                     f"H={args.hidden}, top-{args.topk}, {args.dtype}")
         print(f"\nplot: {args.plot}")

@@ -47,7 +47,7 @@ def sweep_rank(rank: int, world: int, cfg: Dict[str, Any]) -> Optional[Dict[str,
     comb_dt = DTYPES[combine_dtype(cfg["dtype"])]
 
     pbar = None
-    if rank == 0 and cfg.get("progress", True):
+    if rank == 0 and cfg.get("progress", True) and sys.stderr.isatty():  # no bars in logs
         try:
             from tqdm import tqdm
             pbar = tqdm(total=len(sms) * (cfg["iters"] + cfg["warmup"]) + 1, desc="sm sweep", file=sys.stderr,
@@ -128,9 +128,22 @@ def summarize_sweep(cfg, allr, idx_all, prof) -> Dict[str, Any]:
                          "algbw_gbps_per_sm": alg / row["num_sms"]}
         out_rows.append(entry)
     summary = {k: s.as_dict() for k, s in prof.summary().items()}
-    return {"config": {k: v for k, v in cfg.items() if k != "progress"}, "rows": out_rows,
+    config = {k: v for k, v in cfg.items() if k != "progress"}
+    config.setdefault("cores", os.cpu_count() or 1)
+    return {"config": config, "rows": out_rows,
             "profile": summary, "profile_table": prof.table(),
             "records": [r.__dict__ for r in prof.records]}
+
+
+def cores_note(config: Dict[str, Any]) -> Optional[str]:
+    """A warning when the machine has fewer cores than ranks x 2 threads: every rank's threads
+    then share the same few cores and the curve shows scheduling noise, not the SM budget."""
+    cores = int(config.get("cores") or os.cpu_count() or 1)
+    ranks = int(config["world_size"])
+    if cores >= 2 * ranks:
+        return None
+    return (f"{cores} cores for {ranks} ranks: each num_sms gets about {max(1, cores // ranks)} core per rank, "
+            f"so the differences between points are mostly noise")
 
 
 def plot_sweep(res: Dict[str, Any], path: str) -> str:
@@ -159,7 +172,10 @@ def plot_sweep(res: Dict[str, Any], path: str) -> str:
     c = res["config"]
     fig.suptitle(f"{c['world_size'] // c['ranks_per_node']}x{c['ranks_per_node']} ranks, T={c['tokens']}, "
                  f"H={c['hidden']}, top-{c['topk']}/{c['experts']}, {c['dtype']}", fontsize=9)
-    fig.tight_layout()
+    note = cores_note(c)
+    if note:
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, color="tab:red")
+    fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -174,6 +190,9 @@ def format_sweep(res: Dict[str, Any]) -> str:
         lines.append(f"{r['num_sms']:>7} {r['threads']:>7} | {d['time']['median_us']:>11.1f} {d['algbw_gbps']:>7.3f} "
                      f"{d['algbw_gbps_per_sm']:>8.4f} | {c['time']['median_us']:>10.1f} {c['algbw_gbps']:>7.3f} "
                      f"{c['algbw_gbps_per_sm']:>8.4f}")
+    note = cores_note(res["config"])
+    if note:
+        lines += ["", "note: " + note]
     lines += ["", f"profile at num_sms={res['rows'][-1]['num_sms']} (all ranks):", res["profile_table"]]
     return "\n".join(lines)
 

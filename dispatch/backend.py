@@ -129,6 +129,33 @@ class CombineArgs:
     error: Optional[BaseException] = None
 
 
+@dataclass(frozen=True)
+class HandleOrigin:
+    """Which buffer made a dispatch handle: ``Buffer`` stamps every handle its dispatch returns
+    and refuses another buffer's handle before anything moves (its routes, chunk sizes and ring
+    positions belong to that buffer).
+
+    Args:
+        buffer_id: a number unique to the ``Buffer`` within this process.
+        num_ranks / num_ranks_per_node: the topology the handle was made on.
+    """
+
+    buffer_id: int
+    num_ranks: int
+    num_ranks_per_node: int
+
+    def check(self, handle_origin: Optional["HandleOrigin"]) -> None:
+        """Raises ``ValueError`` naming ``handle`` unless ``handle_origin`` (the handle's) is this one."""
+        if handle_origin is None:
+            raise ValueError("handle was not made by a Buffer's dispatch; pass a handle from this Buffer's dispatch")
+        if (handle_origin.num_ranks, handle_origin.num_ranks_per_node) != (self.num_ranks, self.num_ranks_per_node):
+            raise ValueError(f"handle was made on {handle_origin.num_ranks} ranks with num_ranks_per_node="
+                             f"{handle_origin.num_ranks_per_node}, but this Buffer has {self.num_ranks} ranks with "
+                             f"num_ranks_per_node={self.num_ranks_per_node}")
+        if handle_origin.buffer_id != self.buffer_id:
+            raise ValueError("handle was made by another Buffer; pass a handle from this Buffer's dispatch")
+
+
 @dataclass
 class DispatchResult:
     """What a backend's dispatch returns; ``Buffer`` shapes it into DeepEP's tuple."""
@@ -164,7 +191,8 @@ class Backend(Protocol):
     Attributes:
         device_kind: ``"cpu"``, ``"cuda"`` or ``"simt"``.
         tensor_device: where this backend's tensors live (``Buffer`` checks every argument).
-        handle_type: the class of this backend's dispatch handles.
+        handle_type: the class of this backend's dispatch handles (with an ``origin`` attribute,
+            a ``HandleOrigin`` or None, that ``Buffer`` sets).
         max_experts: the most experts ``E`` a dispatch may route to.
     """
 
@@ -197,6 +225,23 @@ class Backend(Protocol):
 
     def destroy(self) -> None:
         """Collective over the node: frees staging and mappings once every rank is done."""
+
+
+class GroupComm:
+    """Host-side exchange over a torch.distributed group, for set-up only (any backend: a gloo
+    group serves the handshake of a CUDA buffer)."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def all_gather_object(self, obj: Any) -> List[Any]:
+        import torch.distributed as dist
+        out: List[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        self.all_gather_object(None)
 
 
 def dtype_codes(mod: Any) -> Dict[torch.dtype, int]:

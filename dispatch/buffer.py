@@ -8,6 +8,7 @@ rank raises in the same call and nothing is sent.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional, Tuple, Union
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from . import validate as V
 from .backend import (DEVICE_KINDS, Backend, CachedDispatchArgs, CallOptions, CombineArgs, DispatchArgs,
-                      DispatchResult)
+                      DispatchResult, GroupComm, HandleOrigin)
 from .compat import DeepEPBufferExtras, check_deepep_buffer_options, recommended_config
 from .config import Config, nvl_staging_bytes, rdma_staging_bytes
 from .event import EventOverlap
@@ -24,6 +25,8 @@ from .topology import Topology, detect_num_ranks_per_node
 Tensors = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 # The config a call with a rejected config still runs its handshake with.
 _FALLBACK_CONFIG = Config(num_sms=2)
+# Numbers the Buffers of this process (a handle names the one that made it: HandleOrigin).
+_BUFFER_IDS = itertools.count(1)
 
 
 def default_device_kind() -> str:
@@ -86,45 +89,53 @@ class Buffer(DeepEPBufferExtras):
                  explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Optional[Any] = None,
                  num_ranks_per_node: Optional[int] = None, timeout_s: float = 60.0,
                  device: Union[None, str, torch.device] = None) -> None:
+        # What dispatch does not have, and the device keyword, are refused before anything
+        # collective (no group needed).
         check_deepep_buffer_options(low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
                                     use_fabric, explicitly_destroy, enable_shrink, comm)
-        V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
-        V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self._backend: Optional[Backend] = None
         loopback = getattr(group, "is_loopback", False)
-        if loopback and device is None:
-            device = group.device_kind
-        kind, index = _device_kind(device)
+        kind, index = _device_kind(group.device_kind if loopback and device is None else device)
         self.group = group
         if loopback:
             self.rank, self.group_size = group.rank, group.size
         else:
             self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
-        if num_ranks_per_node is None:
-            num_ranks_per_node = self.group_size if loopback else detect_num_ranks_per_node(group)
-        V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
-        self.topology = Topology(self.group_size, num_ranks_per_node, self.rank)
+        error: Optional[BaseException] = None
+        try:
+            if num_ranks_per_node is None:  # first: by host name it is collective, so every rank calls it
+                num_ranks_per_node = self.group_size if loopback else detect_num_ranks_per_node(group)
+            V.check_int("num_nvl_bytes", num_nvl_bytes, 0)
+            V.check_int("num_rdma_bytes", num_rdma_bytes, 0)
+            if not timeout_s > 0:
+                raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+            if kind == "cpu" and loopback:
+                raise ValueError("device='cpu' runs ranks as processes: a loopback group needs 'cuda' or 'simt'")
+            V.check_int("num_ranks_per_node", num_ranks_per_node, 1)
+            self.topology = Topology(self.group_size, num_ranks_per_node, self.rank)
+        except (ValueError, TypeError) as exc:
+            error = exc
+        # Every rank raises alike, before the backend is built (which would wait on the others).
+        exchange = group.comm if loopback else GroupComm(group)
+        V.agree_across_ranks(exchange.all_gather_object, error, num_ranks_per_node=num_ranks_per_node,
+                             num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes)
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.timeout_s = float(timeout_s)
         self.low_latency_mode = False
         self.explicitly_destroy = explicitly_destroy
-        self._backend = self._make_backend(kind, index, group, loopback)
+        self._origin = HandleOrigin(next(_BUFFER_IDS), self.group_size, self.topology.num_ranks_per_node)
+        self._backend = self._make_backend(kind, index, group, exchange, loopback)
         self.device_kind = kind
 
-    def _make_backend(self, kind: str, index: Optional[int], group: Any, loopback: bool) -> Backend:
+    def _make_backend(self, kind: str, index: Optional[int], group: Any, exchange: Any, loopback: bool) -> Backend:
         if kind == "cpu":
-            if loopback:
-                raise ValueError("device='cpu' runs ranks as processes: a loopback group needs 'cuda' or 'simt'")
             from .host.backend import HostBackend
             return HostBackend(group, self.topology, self.num_nvl_bytes, self.num_rdma_bytes, self.timeout_s)
-        from .cuda.backend import CudaBackend, GroupComm
+        from .cuda.backend import CudaBackend
         from .cuda.device import make_device
         device = group.device if loopback else make_device(kind, index)
-        comm = group.comm if loopback else GroupComm(group)
-        return CudaBackend(comm, self.topology, self.num_nvl_bytes, self.timeout_s, device, loopback)
+        return CudaBackend(exchange, self.topology, self.num_nvl_bytes, self.timeout_s, device, loopback)
 
     # --- class-wide settings and sizing -----------------------------------------------------
     @classmethod
@@ -220,8 +231,11 @@ class Buffer(DeepEPBufferExtras):
             previous_event.current_stream_wait()
 
     def _handle(self, backend: Backend, handle: object) -> Any:
+        """``handle`` if this Buffer's dispatch made it: another buffer's routes, chunk sizes
+        and ring positions would misroute or hang, so it is refused before anything moves."""
         if not isinstance(handle, backend.handle_type):
             raise TypeError(f"handle must come from this Buffer's dispatch, got {type(handle).__name__}")
+        self._origin.check(handle.origin)
         return handle
 
     # --- layout -------------------------------------------------------------------------------
@@ -325,12 +339,19 @@ class Buffer(DeepEPBufferExtras):
                 raise ValueError("topk_weights needs topk_idx")
             if num_tokens_per_expert is not None:
                 per_expert = num_tokens_per_expert.to(torch.int32).contiguous()
-            if is_token_in_rank is None or (per_expert is None and idx is not None):
+            # A layout given with topk_idx is checked against it where values may be read (a stale
+            # one would drop tokens silently): that needs topk_idx's layout, as do missing parts.
+            check_stale = idx is not None and backend.may_read_values() and any(
+                given is not None for given in (is_token_in_rank, num_tokens_per_expert, num_tokens_per_rdma_rank))
+            layout = None
+            if is_token_in_rank is None or (per_expert is None and idx is not None) or check_stale:
                 if idx is None:
                     raise ValueError("is_token_in_rank or topk_idx is required: dispatch needs the routes")
-                # On the comm stream after previous_event, like the dispatch itself.
-                layout = backend.layout(idx, E, run_config, CallOptions(previous_event, async_finish=True,
-                                                                         allocate_on_comm_stream=True))
+                # On the comm stream after previous_event, like the dispatch itself; on the compute
+                # stream when its values are read here.
+                layout_options = (CallOptions(previous_event) if check_stale else
+                                  CallOptions(previous_event, async_finish=True, allocate_on_comm_stream=True))
+                layout = backend.layout(idx, E, run_config, layout_options)
                 if is_token_in_rank is None:
                     in_rank, per_rank = layout.is_token_in_rank, layout.num_tokens_per_rank
                 if per_expert is None:
@@ -339,6 +360,9 @@ class Buffer(DeepEPBufferExtras):
                 in_rank = self._tensor(backend, "is_token_in_rank", is_token_in_rank, (torch.bool,), 2, T,
                                        self.group_size).contiguous()
                 per_rank = self._rank_counts(backend, in_rank, num_tokens_per_rank)
+            if check_stale:
+                V.check_layout_matches_topk(self.topology.num_ranks_per_node, layout.num_tokens_per_expert,
+                                            layout.is_token_in_rank, in_rank, num_tokens_per_rdma_rank, per_expert)
             rows = rows.contiguous()
             scales = scales.contiguous() if scales is not None else None
         except (ValueError, TypeError) as exc:
@@ -348,6 +372,7 @@ class Buffer(DeepEPBufferExtras):
             num_tokens_per_rank=per_rank, num_tokens_per_expert=per_expert, num_experts=E,
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=run_config,
             options=options, error=error))
+        result.handle.origin = self._origin
         return self._dispatch_outputs(result, scales is not None, weights is not None, num_worst_tokens > 0)
 
     def _num_experts(self, backend: Backend, num_tokens_per_expert: Optional[torch.Tensor],

@@ -299,8 +299,9 @@ class Profiler:
                 ax.set_yticklabels(labels, fontsize=7)
             ax.set_ylabel("SM" if on_sm else "rank / worker thread")
             ax.invert_yaxis()
+            # Beside the axes, not on them: inside it covered the last bars.
             ax.legend(handles=[Patch(color=color[k], label=k) for k in kernels],
-                      loc="upper right", fontsize=7)
+                      loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, borderaxespad=0.0)
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlabel("time (us)")

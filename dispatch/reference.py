@@ -235,6 +235,21 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The NaN every 16-bit result holds: torch's casts give 0xffff or 0x7fc0 (bf16) depending on
+# whether the vectorised or the scalar path ran; the library and this reference write these.
+CANONICAL_NAN_BITS = {torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+
+
+def cast_canonical_nan(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)``, every NaN of a 16-bit result being the positive quiet NaN."""
+    out = tensor.to(dtype)
+    bits = CANONICAL_NAN_BITS.get(dtype)
+    if bits is not None:
+        nan = torch.tensor(bits, dtype=torch.int16).view(dtype)
+        out = torch.where(out.isnan(), nan, out)
+    return out
+
+
 def _node_order(num_nodes: int, own_node: int) -> List[int]:
     """Own node first, then the other nodes ascending."""
     return [own_node] + [m for m in range(num_nodes) if m != own_node]
@@ -326,7 +341,7 @@ def reference_combine(
                 part_w[tokens] = part_w[tokens] + recv_topk_weights_list[d][rows].to(torch.float32)
         tokens = received.nonzero().flatten()  # "if no rank of node m received t: continue"
         if round_rail_partials and m != own_node and dtype in (torch.bfloat16, torch.float16):
-            part = part.to(dtype).to(acc_dtype)
+            part = cast_canonical_nan(part, dtype).to(acc_dtype)
         acc[tokens] = acc[tokens] + part[tokens]
         if with_weights:
             acc_w[tokens] = acc_w[tokens] + part_w[tokens]
@@ -335,7 +350,7 @@ def reference_combine(
         for b in (bias if isinstance(bias, (tuple, list)) else (bias,)):
             acc = acc + b.to(acc_dtype)
 
-    return acc.to(dtype), (acc_w if with_weights else None)
+    return cast_canonical_nan(acc, dtype), (acc_w if with_weights else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ argument, before anything is sent."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,3 +77,67 @@ def check_num_experts(num_experts: object, num_ranks: int) -> int:
     if num_experts % num_ranks != 0:
         raise ValueError(f"num_experts={num_experts} must be a multiple of the group size {num_ranks}")
     return num_experts
+
+
+def agree_across_ranks(all_gather_object: Callable[[object], List[object]], error: Optional[BaseException],
+                       **settings: object) -> None:
+    """Collective: gathers every rank's verdict on its own arguments and its ``settings`` (ints),
+    then raises on every rank: a ``ValueError`` naming a setting that differs and two ranks, else
+    the rank's own error, else a ``ValueError`` naming the rank that rejected its arguments.
+
+    Used by constructors, before anything else is collective: a rank that disagrees must fail
+    as fast as the others, not leave them waiting in the first exchange.
+
+    Args:
+        all_gather_object: the group's exchange (one object per rank, in rank order).
+        error: this rank's verdict on its own arguments (None: fine).
+        settings: ``name=value`` pairs every rank must agree on.
+    """
+    names = list(settings)
+    values = [value if isinstance(value, int) and not isinstance(value, bool) else -1 for value in settings.values()]
+    table = [list(row) for row in all_gather_object([1 if error is not None else 0] + values)]
+    # A differing setting first: every rank then raises the same message.
+    for column, name in enumerate(names, start=1):
+        first = table[0][column]
+        differ = [rank for rank, row in enumerate(table) if row[column] != first]
+        if differ:
+            raise ValueError(f"{name} must be the same on every rank: rank 0 has {first}, rank {differ[0]} has "
+                             f"{table[differ[0]][column]}")
+    if error is not None:
+        raise error
+    bad = [rank for rank, row in enumerate(table) if row[0]]
+    if bad:
+        raise ValueError(f"rank {bad[0]} rejected its Buffer arguments (see its error); no Buffer was made")
+
+
+def check_layout_matches_topk(num_ranks_per_node: int, expected_per_expert: torch.Tensor,
+                              expected_in_rank: torch.Tensor, is_token_in_rank: torch.Tensor,
+                              num_tokens_per_rdma_rank: Optional[torch.Tensor],
+                              num_tokens_per_expert: Optional[torch.Tensor]) -> None:
+    """Raises ``ValueError`` when a given layout was not computed from this ``topk_idx`` (a stale
+    layout would silently drop or misroute tokens). Cheap: ``O(T * R + E)`` compares, on the
+    layout's device.
+
+    Args:
+        num_ranks_per_node: ``L``.
+        expected_per_expert / expected_in_rank: ``topk_idx``'s layout (the backend's ``layout``).
+        is_token_in_rank, num_tokens_per_rdma_rank, num_tokens_per_expert: as given by the caller.
+    """
+    if not torch.equal(is_token_in_rank, expected_in_rank):
+        token, rank = (is_token_in_rank != expected_in_rank).nonzero()[0].tolist()
+        raise ValueError(f"is_token_in_rank disagrees with topk_idx (token {token}, rank {rank}): "
+                         f"was the layout computed from another routing?")
+    if num_tokens_per_expert is not None:
+        given = num_tokens_per_expert.to(expected_per_expert.device, torch.int32)
+        if not torch.equal(given, expected_per_expert):
+            expert = (given != expected_per_expert).nonzero()[0].item()
+            raise ValueError(f"num_tokens_per_expert disagrees with topk_idx (expert {expert}: "
+                             f"{int(given[expert])} given, {int(expected_per_expert[expert])} in "
+                             f"topk_idx): was the layout computed from another routing?")
+    if num_tokens_per_rdma_rank is not None:
+        T, R = is_token_in_rank.shape
+        per_node = is_token_in_rank.view(T, R // num_ranks_per_node, num_ranks_per_node).any(dim=2).sum(dim=0)
+        check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, (torch.int32, torch.int64), 1,
+                     per_node.numel(), device=per_node.device)
+        if not torch.equal(num_tokens_per_rdma_rank.to(torch.int64), per_node):
+            raise ValueError("num_tokens_per_rdma_rank disagrees with is_token_in_rank")

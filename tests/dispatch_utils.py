@@ -406,7 +406,8 @@ def job_run_cases(ctx: Any, specs: Sequence[Dict[str, Any]], seed: int,
 
     import dispatch
 
-    kwargs = {"num_ranks_per_node": ctx.ranks_per_node, "timeout_s": 8.0, "device": "cpu"}
+    # Generous: each rank also computes every reference, which takes seconds on a loaded machine.
+    kwargs = {"num_ranks_per_node": ctx.ranks_per_node, "timeout_s": 30.0, "device": "cpu"}
     kwargs.update(buffer_kwargs or {})
     results: Dict[str, List[Failure]] = {}
     buf = dispatch.Buffer(ctx.group, **kwargs)

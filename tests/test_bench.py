@@ -99,3 +99,42 @@ def test_sm_sweep_and_plots(cluster_factory, tmp_path):
     png = sm_sweep.plot_sweep(res, str(tmp_path / "sweep.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "num_sms" in sm_sweep.format_sweep(res)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--node-limit", "3"], ["--node-limit 3", "--nodes 2"]),
+    (["--topk", "20", "--experts", "16"], ["--topk 20", "--experts 16"]),
+    (["--experts", "30"], ["--experts 30", "multiple"]),
+    (["--tokens", "-1"], ["--tokens"]),
+])
+def test_benchmark_cli_refuses_adjustments(capsys, argv, words):
+    """Arguments the benchmark would have to adjust silently are refused, saying why."""
+    with pytest.raises(SystemExit) as exit_info:
+        all_to_all.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+
+
+def test_benchmark_cli_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        all_to_all.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 512)" in out and "(default: bf16)" in out
+
+
+def test_benchmark_zero_tokens(cluster_factory):
+    """--tokens 0 measures the fixed cost of a call: no rows move, the report is well formed."""
+    cluster = cluster_factory(2, 2)
+    cfg = _cfg(tokens=0, iters=1, warmup=0)
+    res = cluster.run(_bench_job, cfg, timeout_s=240)[0]
+    assert res["counters_match_planner"], res["counter_mismatches"]
+    for op in ("dispatch", "combine"):
+        assert res["ops"][op]["rail_bytes_total"] == 0 and res["ops"][op]["time"]["median_us"] > 0
+    assert "equal the planner's exact counts: yes" in all_to_all.format_report(res)
+
+
+def test_sm_sweep_says_when_cores_are_too_few():
+    few = {"world_size": 4, "cores": 2}
+    assert "2 cores for 4 ranks" in sm_sweep.cores_note(few)
+    assert sm_sweep.cores_note({"world_size": 4, "cores": 64}) is None

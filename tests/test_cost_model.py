@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 import torch
@@ -231,3 +232,17 @@ def test_mover_calibration_is_well_formed():
     movers = Movers(**speeds)
     assert all(v > 0 for v in speeds.values())
     assert movers.pack == speeds["pack"]
+
+
+def test_cli_default_is_quick_and_draws(tmp_path, monkeypatch):
+    """The default sweep stops at 8 nodes and 128 ranks, and draws bench/out/cost_model.png."""
+    monkeypatch.chdir(tmp_path)
+    js = tmp_path / "cost.json"
+    start = time.monotonic()
+    assert cost_model.main(["--tokens", "128", "--json", str(js)]) == 0
+    seconds = time.monotonic() - start
+    png = tmp_path / "bench" / "out" / "cost_model.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(js.read_text())["results"]
+    assert results and all(r["ranks"] <= 128 and r["nodes"] <= 8 for rows in results.values() for r in rows)
+    assert seconds < 120, f"the default sweep took {seconds:.0f} s"

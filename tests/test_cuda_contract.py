@@ -235,3 +235,49 @@ def test_num_sms_limits_and_set_num_sms(device):
             Buffer.set_num_sms(old)
     for d in range(L):
         assert "num_sms" in res[d][0] and "num_sms" in res[d][1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_foreign_handle_and_stale_layout_refused_on_every_rank(device):
+    """The front's checks (issue #12) serve this backend too: another buffer's handle and a
+    layout from another routing raise ValueError on every rank before anything moves, naming
+    ``handle`` / the layout argument; the buffer stays usable."""
+    from dispatch import Config
+    xs, idxs, ws = inputs(L, E, K, H, torch.float32, seed=6, tokens=[11, 8])
+    _, other_idxs, _ = inputs(L, E, K, H, torch.float32, seed=7, tokens=[11, 8])
+    cfg = Config(num_sms=2)
+
+    def first_dispatch(r, buf):
+        x, idx = to_device(xs[r], device), to_device(idxs[r], device)
+        return buf.dispatch(x, topk_idx=idx, num_experts=E, config=cfg)
+
+    with loopback(device, L, timeout_s=5.0) as other:
+        foreign = other.run(first_dispatch)
+    with loopback(device, L, timeout_s=5.0) as lb:
+        def step(r, buf):
+            x, idx = to_device(xs[r], device), to_device(idxs[r], device)
+            recv_x, _, _, _, handle, _ = first_dispatch(r, buf)
+            seen = {}
+            calls = {
+                "combine": lambda: buf.combine(recv_x, foreign[r][4] if r == 1 else handle, config=cfg),
+                "cached dispatch": lambda: buf.dispatch(x, handle=foreign[r][4] if r == 1 else handle, config=cfg),
+                "stale layout": lambda: buf.dispatch(
+                    x, topk_idx=idx, num_experts=E, config=cfg,
+                    is_token_in_rank=buf.get_dispatch_layout(to_device(other_idxs[r], device) if r == 1 else idx,
+                                                             E)[3]),
+            }
+            for name, call in calls.items():
+                with pytest.raises(ValueError) as info:
+                    call()
+                seen[name] = str(info.value)
+            out, _, _ = buf.combine(recv_x, handle, config=cfg)
+            return seen, recv_x.cpu()
+        res = lb.run(step)
+    assert "handle" in res[1][0]["combine"] and "another Buffer" in res[1][0]["combine"]
+    assert "handle" in res[1][0]["cached dispatch"] and "another Buffer" in res[1][0]["cached dispatch"]
+    assert "is_token_in_rank" in res[1][0]["stale layout"] and "topk_idx" in res[1][0]["stale layout"]
+    for name in ("combine", "cached dispatch"):
+        assert "rank 1" in res[0][0][name] and "handle" in res[0][0][name], res[0][0][name]
+    assert "rank 1" in res[0][0]["stale layout"] and "is_token_in_rank" in res[0][0]["stale layout"]
+    for d in range(L):
+        assert torch.equal(res[d][1], reference_dispatch(xs, idxs, None, E, L, d)["recv_x"])

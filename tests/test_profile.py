@@ -114,9 +114,8 @@ def test_disabled_check_is_cheap():
 def _profiled_job(ctx):
     from dispatch import Buffer
     from bench.common import gen_topk_idx
-    buf = ctx.cache.get("profile_buf")
-    if buf is None:
-        buf = ctx.cache["profile_buf"] = Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node)
+    # Not kept in ctx.cache: a buffer left alive would count as a leak in test_shm_cleanup.
+    buf = Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node)
     E = 4 * ctx.world_size
     idx = gen_topk_idx(64, E, 4, ctx.world_size, ctx.ranks_per_node, None, seed=1, rank=ctx.rank)
     x = torch.randn(64, 256).to(torch.bfloat16)
@@ -127,6 +126,7 @@ def _profiled_job(ctx):
         buf.combine(recv_x, handle, topk_weights=recv_w)
     # off again: nothing more is recorded
     buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E)
+    buf.destroy()
     mine = prof.records
     prof.gather(ctx.group)
     return [r.__dict__ for r in mine], len(prof.records)
@@ -155,3 +155,30 @@ def test_profiler_on_cpu_cluster(cluster_factory, tmp_path):
     s = p.summary()
     assert all(v.units >= 1 and v.busy_us >= 0 for v in s.values())
     assert p.timeline(str(tmp_path / "cluster.png"))
+
+
+def _job_profile_workers(ctx):
+    import dispatch
+    import dispatch.profile as dprof
+
+    R, L = ctx.world_size, ctx.ranks_per_node
+    E = 2 * R
+    topk = torch.stack([torch.randperm(E)[:2] for _ in range(2048)])
+    x = torch.randn(2048, 256)
+    buf = dispatch.Buffer(ctx.group, num_ranks_per_node=L, timeout_s=30.0)
+    with dprof.profile() as prof:
+        recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, num_experts=E,
+                                                  config=dispatch.Config(num_sms=8))
+        buf.combine(recv_x, handle, config=dispatch.Config(num_sms=8))
+    buf.destroy()
+    threads = dispatch.Config(num_sms=8).cpu_threads(L)
+    return threads, [(r.kernel, r.worker, r.start_ns, r.end_ns) for r in prof.records]
+
+
+def test_cpu_profile_records_real_workers(cluster_factory):
+    """The movers' records name the worker threads that ran them (worker 0 is the calling
+    thread), one record per worker slice: as many workers as the thread budget allows."""
+    threads, records = cluster_factory(2, 1).run(_job_profile_workers, timeout_s=120)[0]
+    workers = {w for _, w, _, _ in records}
+    assert workers == set(range(threads)), (threads, workers)
+    assert all(end >= start for _, _, start, end in records)

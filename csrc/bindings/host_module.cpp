@@ -13,6 +13,8 @@
 #include "../host/combine_reduce.h"
 #include "../host/dispatch_records.h"
 #include "../host/doorbell.h"
+#include "../host/mover_args.h"
+#include "../host/parallel.h"
 #include "../host/shm_segment.h"
 
 namespace py = pybind11;
@@ -54,6 +56,13 @@ uint64_t atomic_load(uintptr_t address) {
 }
 
 void atomic_store(uintptr_t address, uint64_t value) { __atomic_store_n(as_ptr<uint64_t>(address), value, __ATOMIC_RELEASE); }
+
+// Stores `desired` if the word holds `expected`; returns the value it held (== expected on success).
+uint64_t atomic_compare_exchange(uintptr_t address, uint64_t expected, uint64_t desired) {
+  __atomic_compare_exchange_n(as_ptr<uint64_t>(address), &expected, desired, false, __ATOMIC_ACQ_REL,
+                              __ATOMIC_ACQUIRE);
+  return expected;
+}
 
 }  // namespace
 
@@ -106,12 +115,23 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("atomic_load", &atomic_load);
   m.def("atomic_store", &atomic_store);
+  m.def("atomic_compare_exchange", &atomic_compare_exchange, py::arg("address"), py::arg("expected"),
+        py::arg("desired"));
   m.def("doorbell_ring", [](uintptr_t bell) { doorbell_ring(as_ptr<Doorbell>(bell)); });
   m.def("doorbell_rings", [](uintptr_t bell) { return doorbell_rings(as_ptr<const Doorbell>(bell)); });
   m.def(
       "doorbell_wait",
       [](uintptr_t bell, uint32_t seen, double timeout_s) { return doorbell_wait(as_ptr<Doorbell>(bell), seen, timeout_s); },
       py::arg("bell"), py::arg("seen"), py::arg("timeout_s"), nogil);
+
+  // Profiling: per-worker slices of the movers (dispatch.profile).
+  m.def("set_slice_log", [](bool enabled) { SliceLog::instance().set_enabled(enabled); });
+  m.def("take_slices", [] {
+    py::list out;
+    for (const WorkerSlice& s : SliceLog::instance().take())
+      out.append(py::make_tuple(s.worker, s.start_ns, s.end_ns, s.items));
+    return out;
+  });
 
   m.def("compute_layout", &layout_entry, nogil);
   py::dict dtype_codes;
@@ -158,20 +178,30 @@ PYBIND11_MODULE(_C, m) {
                            as_ptr<const int32_t>(rows), num_rows, num_threads);
       },
       nogil);
+  py::class_<ReduceChunkArgs>(m, "ReduceChunkArgs")
+      .def(py::init<>())
+      .def_readwrite("dst_rows", &ReduceChunkArgs::dst_rows)
+      .def_readwrite("num_records", &ReduceChunkArgs::num_records)
+      .def_readwrite("num_ranks_per_node", &ReduceChunkArgs::num_ranks_per_node)
+      .def_readwrite("return_chunks", &ReduceChunkArgs::return_chunks)
+      .def_readwrite("return_layout", &ReduceChunkArgs::return_layout)
+      .def_readwrite("self_local_rank", &ReduceChunkArgs::self_local_rank)
+      .def_readwrite("self_x", &ReduceChunkArgs::self_x)
+      .def_readwrite("self_weights", &ReduceChunkArgs::self_weights)
+      .def_readwrite("self_rows", &ReduceChunkArgs::self_rows)
+      .def_readwrite("x_row_bytes", &ReduceChunkArgs::x_row_bytes)
+      .def_readwrite("dtype", &ReduceChunkArgs::dtype)
+      .def_readwrite("partials", &ReduceChunkArgs::partials)
+      .def_readwrite("acc", &ReduceChunkArgs::acc)
+      .def_readwrite("acc_weights", &ReduceChunkArgs::acc_weights)
+      .def_readwrite("token_ids", &ReduceChunkArgs::token_ids)
+      .def_readwrite("partial_layout", &ReduceChunkArgs::partial_layout)
+      .def("check", &ReduceChunkArgs::check);
+  // A bad argument raises ValueError (std::invalid_argument) before any byte moves.
   m.def(
       "reduce_chunk",
-      [](uintptr_t dst_rows, int64_t num_records, int L, uintptr_t return_chunks, const ReturnRowLayout& rl,
-         int self_local, uintptr_t self_x, uintptr_t self_weights, uintptr_t self_rows, int64_t self_x_row_bytes,
-         int dtype, uintptr_t partials, uintptr_t acc, uintptr_t acc_weights, uintptr_t token_ids,
-         const PartialRowLayout& pl, int num_threads) {
-        const ReduceTarget target{as_ptr<uint8_t>(partials), as_ptr<uint8_t>(acc), as_ptr<float>(acc_weights),
-                                  as_ptr<const int32_t>(token_ids)};
-        const SelfRows self{self_local, as_ptr<const uint8_t>(self_x), as_ptr<const float>(self_weights),
-                            as_ptr<const int32_t>(self_rows), self_x_row_bytes};
-        reduce_chunk(as_ptr<const int32_t>(dst_rows), num_records, L, as_ptr<const uintptr_t>(return_chunks), rl, self,
-                     static_cast<DType>(dtype), target, pl, num_threads);
-      },
-      nogil);
+      [](const ReduceChunkArgs& args, int num_threads) { dispatch::host::reduce_chunk(args, num_threads); },
+      py::arg("args"), py::arg("num_threads"), nogil);
   py::class_<CombineOutput>(m, "CombineOutput")
       .def(py::init([](uintptr_t out, int out_dtype, uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype) {
              return CombineOutput{as_ptr<uint8_t>(out), static_cast<DType>(out_dtype), as_ptr<const uint8_t>(bias0),

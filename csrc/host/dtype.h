@@ -1,5 +1,8 @@
 // Element types of the CPU backend and exact conversions to and from the accumulation type.
 // Conversions round to nearest even, as torch's own casts do, so results match the reference.
+// A NaN result is always the positive quiet NaN (bf16 0x7fc0, fp16 0x7e00), whatever the NaN
+// summed: torch's own casts disagree (its vectorised bf16 cast gives 0xffff, its scalar one
+// 0x7fc0), so the library and dispatch.reference both write the canonical one (docs/semantics.md).
 #pragma once
 
 #include <cstdint>
@@ -53,7 +56,8 @@ inline uint16_t float_to_fp16(float value) {
   const _Float16 half = static_cast<_Float16>(value);
   uint16_t bits;
   std::memcpy(&bits, &half, sizeof(bits));
-  return bits;
+  // NaN becomes 0x7e00 (c10::Half's NaN): the hardware conversion would keep sign and payload.
+  return (bits & 0x7fffu) > 0x7c00u ? uint16_t{0x7e00u} : bits;
 }
 
 // acc[i] = (kStart ? 0 : acc[i]) + src[i] over a row of `dtype`. kStart begins a sum in one pass

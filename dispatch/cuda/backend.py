@@ -32,7 +32,7 @@ import torch
 
 from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
-                       LayoutResult, dtype_codes, verdict_code, verdict_error)
+                       HandleOrigin, LayoutResult, dtype_codes, verdict_code, verdict_error)
 from ..compat import DeepEPHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
@@ -89,23 +89,6 @@ class CallFacts:
         return [name for shift, mask, name in cls.FIELDS if (mine >> shift) & mask != (theirs >> shift) & mask]
 
 
-class GroupComm:
-    """Host-side exchange over a torch.distributed group, for set-up only (any backend: a gloo
-    group serves the handshake of a CUDA buffer)."""
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-
-    def all_gather_object(self, obj: Any) -> List[Any]:
-        import torch.distributed as dist
-        out: List[Any] = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def barrier(self) -> None:
-        self.all_gather_object(None)
-
-
 @dataclass(eq=False)
 class CudaHandle(DeepEPHandleView):
     """Routes of one CUDA dispatch, for combine and cached dispatch (all tensors on the device).
@@ -121,6 +104,7 @@ class CudaHandle(DeepEPHandleView):
         is_token_in_rank: bool ``[T, R]``.
         recv_src_rank / recv_src_token: int32 source of every received row (-1 in padding rows).
         chan_counts: int32 ``[R, C]`` my tokens per destination per channel.
+        origin: the buffer that made it (set by ``Buffer``, which refuses another buffer's handle).
     """
 
     num_tokens: int
@@ -136,6 +120,7 @@ class CudaHandle(DeepEPHandleView):
     recv_src_token: torch.Tensor
     chan_counts: torch.Tensor
     extra: Dict[str, object] = field(default_factory=dict)
+    origin: Optional[HandleOrigin] = None
 
     @property
     def num_recv_rows(self) -> int:
@@ -166,7 +151,7 @@ class CudaBackend:
 
     Args:
         comm: host exchange for set-up and ``destroy`` only (``all_gather_object``, ``barrier``):
-            a GroupComm, or the loopback's.
+            a ``dispatch.backend.GroupComm``, or the loopback's.
         topo: this rank's topology (one node).
         num_nvl_bytes: staging per rank (0 = 256 MiB); every rank must pass the same.
         timeout_s: a kernel waiting longer than this on a peer fails the call, naming the peer.
@@ -208,14 +193,9 @@ class CudaBackend:
             self.stream = device.new_stream()
             self._mappings: List[Any] = []
             mine = self.staging.address if loopback else self.staging.ipc_handle()
+            # Ring geometry comes from the staging size: Buffer() checked that every rank passed the
+            # same num_nvl_bytes, so every rank derived the same size.
             gathered = comm.all_gather_object((staging_bytes, mine))
-            # Ring geometry comes from the staging size: ranks that disagree would write past
-            # each other's rings. Every rank sees every size, so every rank raises.
-            sizes = [int(size) for size, _ in gathered]
-            if len(set(sizes)) > 1:
-                bad = next(r for r, s in enumerate(sizes) if s != sizes[0])
-                raise ValueError(f"num_nvl_bytes differs across ranks: rank 0 has {sizes[0]}, rank {bad} has "
-                                 f"{sizes[bad]} (staging bytes, after the default and the minimum)")
             self.peers: List[int] = []
             for p, (_, handle) in enumerate(gathered):
                 if loopback or p == topo.rank:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -11,15 +12,18 @@ from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
                        LayoutResult, dtype_codes)
 from ..config import Config
+from ..errors import PeerTimeoutError
 from ..event import EventOverlap
 from ..topology import Topology
 from . import notify as nt
-from .combine_op import run_combine
-from .dispatch_op import DispatchPayload, ReceiveTensors, _ptr, run_dispatch
+from .combine_op import CombineInput, run_combine
+from .dispatch_op import DispatchPayload, ReceiveTensors, run_dispatch
 from .memory import host_empty
+from .movers import ptr
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
 from .rail_link import RailLink
+from .rail_staging import RailStaging
 
 DEFAULT_NVL_BYTES = 512 << 20
 DEFAULT_RDMA_BYTES = 512 << 20
@@ -27,7 +31,42 @@ DEFAULT_RDMA_BYTES = 512 << 20
 MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
+_Method = TypeVar("_Method", bound=Callable)
+
+
+def _blame_first_failure(method: _Method) -> _Method:
+    """A ``PeerTimeoutError`` leaving a call names the buffer's first failed rank (failure.py)."""
+
+    @functools.wraps(method)
+    def wrapper(self: "HostBackend", *args, **kwargs):
+        failures = self.node.failures
+        origin = failures.origin()
+        if origin is not None:
+            raise PeerTimeoutError(origin, "failed in an earlier call: this Buffer is unusable, create a new one")
+        try:
+            return method(self, *args, **kwargs)
+        except PeerTimeoutError as error:
+            raise failures.settle(error)
+
+    return wrapper  # type: ignore[return-value]
+
+
 DTYPE_CODES = dtype_codes(_C)  # defined once in csrc/common/codes.h, exported by the module
+_DTYPE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in DTYPE_CODES.items()}
+
+# Header words every rank must agree on, described in words for the error message.
+_HIDDEN = (nt.HIDDEN, "x's hidden size", lambda v: f"hidden size {v}")
+_DTYPE = (nt.DTYPE, "x's dtype", lambda v: _DTYPE_NAMES.get(v, f"dtype code {v}"))
+_SCALES = (nt.SCALE_COLS, "x's kind (FP8 pair or plain tensor)",
+           lambda v: f"an FP8 pair with {v} scale columns" if v else "a plain tensor")
+_TOPK_IDX = (nt.NUM_TOPK, "topk_idx", lambda v: f"topk_idx with {v} columns" if v else "no topk_idx")
+_WEIGHTS = (nt.HAS_WEIGHTS, "topk_weights's presence", lambda v: "topk_weights" if v else "no topk_weights")
+_EXPERTS = (nt.NUM_EXPERTS, "num_experts", str)
+_EXPERT_COUNTS = (nt.HAS_EXPERT_COUNTS, "whether num_tokens_per_expert (or topk_idx) is given",
+                  lambda v: "num_tokens_per_expert" if v else "neither num_tokens_per_expert nor topk_idx")
+_COMBINE_WEIGHTS = (nt.NUM_TOPK, "topk_weights", lambda v: f"topk_weights with {v} columns" if v else "no topk_weights")
+_ROUNDING = (nt.PARTIAL_DTYPE, "config.round_rail_partials",
+             lambda v: "round_rail_partials=False" if v < 0 else "round_rail_partials=True")
 
 
 class HostBackend:
@@ -55,18 +94,10 @@ class HostBackend:
                              nt.notify_words(topo.num_ranks, topo.num_nodes))
         self.rail = RailLink(group, topo, timeout_s)
         self.rail.on_complete = self.node.ring_self
-        remote = topo.num_nodes - 1
-        self.rdma_slot_bytes = max(4096, (num_rdma_bytes or DEFAULT_RDMA_BYTES) // max(1, 4 * remote))
-        self._rail_staging: List[torch.Tensor] = []
+        self.staging = RailStaging(topo.num_nodes - 1, num_rdma_bytes or DEFAULT_RDMA_BYTES)
+        self.rdma_slot_bytes = self.staging.slot_bytes
         self._seq = 0
         self.last_stats: Dict[str, object] = {}
-
-    @property
-    def rail_staging(self) -> List[torch.Tensor]:
-        if not self._rail_staging:
-            self._rail_staging = [torch.empty(self.rdma_slot_bytes, dtype=torch.uint8)
-                                  for _ in range(4 * (self.topo.num_nodes - 1))]
-        return self._rail_staging
 
     # --- the Backend protocol (dispatch/backend.py) ------------------------------------------
     def check_config(self, config: Config) -> None:
@@ -131,6 +162,7 @@ class HostBackend:
         return matrix
 
     # --- dispatch ------------------------------------------------------------------------
+    @_blame_first_failure
     def full_dispatch(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor],
                       topk_weights: Optional[torch.Tensor], is_token_in_rank: Optional[torch.Tensor],
                       num_tokens_per_rank: Optional[torch.Tensor], num_tokens_per_expert: Optional[torch.Tensor],
@@ -153,11 +185,11 @@ class HostBackend:
             header = {nt.HIDDEN: hidden, nt.DTYPE: DTYPE_CODES[x.dtype], nt.NUM_TOPK: k,
                       nt.NUM_EXPERTS: num_experts, nt.NUM_TOKENS: num_tokens,
                       nt.SCALE_COLS: scales.shape[1] if scales is not None else 0, nt.WORST: num_worst_tokens,
-                      nt.HAS_EXPERT_COUNTS: int(num_tokens_per_expert is not None)}
+                      nt.HAS_EXPERT_COUNTS: int(num_tokens_per_expert is not None),
+                      nt.HAS_WEIGHTS: int(topk_weights is not None)}
         matrix = self.notify(OP_DISPATCH, header, payload, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_idx width"),
-                               (nt.NUM_EXPERTS, "num_experts"), (nt.SCALE_COLS, "FP8 scale columns"),
-                               (nt.HAS_EXPERT_COUNTS, "whether num_tokens_per_expert (or topk_idx) is given")))
+        # Presence of topk_idx / topk_weights too: a rank without weights would otherwise send 1.0s.
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _SCALES, _TOPK_IDX, _WEIGHTS, _EXPERTS, _EXPERT_COUNTS))
         h0 = nt.HEADER_WORDS
         rank_counts = matrix[:, h0:h0 + R]
         node_counts_all = matrix[:, h0 + R:h0 + R + N]
@@ -188,25 +220,23 @@ class HostBackend:
         if topk_idx is not None:
             recv_topk_idx = torch.full((rows, k), -1, dtype=torch.int64)
             recv_topk_weights = torch.zeros((rows, k), dtype=torch.float32)
-        log: Dict[str, object] = {"recv_src_rank": torch.full((rows,), -1, dtype=torch.int32),
-                                  "recv_src_token": torch.full((rows,), -1, dtype=torch.int32)}
         weights = topk_weights if topk_weights is not None else (
             torch.ones_like(topk_idx, dtype=torch.float32) if topk_idx is not None else None)
         payload_bytes = DispatchPayload(_bytes(x), _bytes(scales) if scales is not None else None,
                                         topk_idx, weights)
         receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
                                  recv_topk_idx, recv_topk_weights, topo.rank * experts_per_rank, experts_per_rank)
-        run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
-                     self.rail_staging, record, num_threads, self.timeout_s, log)
+        routes = run_dispatch(topo, self.node, self.rail, payload_bytes, receive, plan, schedules, chunk_records,
+                              self.staging, record, num_threads, self.timeout_s, num_recv_rows=rows)
 
         per_expert = self._recv_per_expert(matrix, expert_counts_all, experts_per_rank, expert_alignment,
                                            num_worst_tokens)
         handle = HostHandle(num_tokens=num_tokens, num_recv_tokens=num_recv, num_worst_tokens=num_worst_tokens,
                             hidden=hidden, chunk_records=chunk_records, node_counts=node_counts_all,
                             rank_counts=rank_counts, send_plan=plan, schedules=schedules,
-                            outbox_dst_rows=log["outbox_dst_rows"],
-                            recv_rows_by_producer=log["recv_rows_by_producer"],
-                            recv_src_rank=log["recv_src_rank"], recv_src_token=log["recv_src_token"],
+                            outbox_dst_rows=routes.outbox_dst_rows,
+                            recv_rows_by_producer=routes.recv_rows_by_producer,
+                            recv_src_rank=routes.recv_src_rank, recv_src_token=routes.recv_src_token,
                             rank=topo.rank, num_ranks_per_node=L, is_token_in_rank=is_token_in_rank)
         self._record_dispatch_stats(handle, record.bytes)
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert, handle
@@ -223,6 +253,7 @@ class HostBackend:
         counts = expert_counts_all[:, me * experts_per_rank:(me + 1) * experts_per_rank].sum(dim=0).tolist()
         return [(c + expert_alignment - 1) // expert_alignment * expert_alignment for c in counts]
 
+    @_blame_first_failure
     def resend(self, x: torch.Tensor, scales: Optional[torch.Tensor], handle: HostHandle,
                num_threads: int, error: Optional[BaseException]):
         """Re-sends a new ``x`` along ``handle``'s routes. Returns (recv_x, recv_scales)."""
@@ -231,7 +262,7 @@ class HostBackend:
             header = {nt.HIDDEN: x.shape[1], nt.DTYPE: DTYPE_CODES[x.dtype],
                       nt.SCALE_COLS: scales.shape[1] if scales is not None else 0}
         matrix = self.notify(OP_CACHED_DISPATCH, header, None, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.SCALE_COLS, "FP8 scale columns")))
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _SCALES))
         topo = self.topo
         hidden = x.shape[1]
         record = _C.RecordLayout(topo.num_ranks_per_node, 0, hidden * x.element_size(),
@@ -246,7 +277,7 @@ class HostBackend:
         receive = ReceiveTensors(_bytes(recv_x), _bytes(recv_scales) if recv_scales is not None else None,
                                  None, None, 0, 1)
         run_dispatch(topo, self.node, self.rail, payload, receive, handle.send_plan, handle.schedules,
-                     handle.chunk_records, self.rail_staging, record, num_threads, self.timeout_s, None)
+                     handle.chunk_records, self.staging, record, num_threads, self.timeout_s)
         self._record_dispatch_stats(handle, record.bytes)
         return recv_x, recv_scales
 
@@ -264,6 +295,7 @@ class HostBackend:
         return chunk
 
     # --- combine -------------------------------------------------------------------------
+    @_blame_first_failure
     def reduce(self, x: torch.Tensor, handle: HostHandle, topk_weights: Optional[torch.Tensor],
                bias: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]], num_threads: int,
                error: Optional[BaseException], round_rail_partials: bool = False):
@@ -278,8 +310,7 @@ class HostBackend:
                       nt.NUM_TOPK: topk_weights.shape[1] if topk_weights is not None else 0,
                       nt.PARTIAL_DTYPE: partial_dtype}
         matrix = self.notify(OP_COMBINE, header, None, error)
-        nt.check_same(matrix, ((nt.HIDDEN, "x hidden size"), (nt.DTYPE, "x dtype"), (nt.NUM_TOPK, "topk_weights width"),
-                               (nt.PARTIAL_DTYPE, "config.round_rail_partials")))
+        nt.check_same(matrix, (_HIDDEN, _DTYPE, _COMBINE_WEIGHTS, _ROUNDING))
         topo = self.topo
         hidden = x.shape[1]
         k = topk_weights.shape[1] if topk_weights is not None else 0
@@ -296,12 +327,12 @@ class HostBackend:
         weights = topk_weights.contiguous() if topk_weights is not None else None
         out = host_empty((handle.num_tokens, hidden), x.dtype)
         bias0, bias1 = bias
-        output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], _ptr(bias0),
-                                  DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, _ptr(bias1),
+        output = _C.CombineOutput(out.data_ptr(), DTYPE_CODES[x.dtype], ptr(bias0),
+                                  DTYPE_CODES[bias0.dtype] if bias0 is not None else 0, ptr(bias1),
                                   DTYPE_CODES[bias1.dtype] if bias1 is not None else 0)
-        run_combine(topo, self.node, self.rail, handle, _bytes(x), DTYPE_CODES[x.dtype], weights, acc,
-                    acc_weights, return_layout, partial_layout, output, self.rail_staging, num_threads,
-                    self.timeout_s)
+        data = CombineInput(_bytes(x), DTYPE_CODES[x.dtype], weights, acc, acc_weights, return_layout, partial_layout,
+                            output)
+        run_combine(topo, self.node, self.rail, handle, data, self.staging, num_threads, self.timeout_s)
         self._record_combine_stats(handle, return_layout.bytes, partial_layout.bytes)
         return out, acc_weights
 
@@ -327,7 +358,7 @@ class HostBackend:
     def destroy(self) -> None:
         self.rail.close()
         self.node.close()
-        self._rail_staging = []
+        self.staging.free()
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

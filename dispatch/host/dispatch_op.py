@@ -1,30 +1,31 @@
-"""The dispatch event loop of the CPU backend.
+"""The dispatch event loop of the CPU backend: three roles, each a small object that makes
+progress when it can (``progress.drive`` steps them in turn and sleeps when none could):
 
-One pass of the loop does whatever is ready, never blocks, and sleeps only when nothing was:
-- rail hop: pack this rank's tokens for each remote node into chunks and send them to the
-  rail peer there (two staging slots per peer);
-- node outbox: fill this rank's outbox slots in schedule order, packing its own tokens for
-  its node, or receiving a rail peer's chunk straight into the slot; publish in order;
-- placement: copy the records addressed to this rank out of every local outbox into the
-  receive tensors (rows fixed by the planner, not by arrival order).
-Because no step waits on another, no cycle of ranks can deadlock.
+- ``RailSender`` (one per remote node): packs this rank's tokens for that node into chunks and
+  sends them to the rail peer there, through two staging slots;
+- ``OutboxFiller``: fills this rank's outbox slots in schedule order, packing its own tokens for
+  its node or receiving a rail peer's chunk straight into the slot, and publishes them in order;
+- ``Placer``: copies the records addressed to this rank out of every outbox of the node into
+  the receive tensors (rows fixed by the planner, not by arrival order).
+
+No role waits on another, so no cycle of ranks can deadlock.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .. import _C
-from .. import profile as _profile
 from ..topology import Topology
+from .movers import ptr, timed
 from .node_link import OUTBOX_SLOTS, NodeLink
 from .plan import Chunk, SendPlan, stream_chunks
-from .progress import Progress
-from .rail_link import RailLink
+from .progress import drive, first_behind, first_waited
+from .rail_link import Pending, RailLink
+from .rail_staging import RailStaging
 
 
 @dataclass
@@ -56,36 +57,53 @@ class ReceiveTensors:
     experts_per_rank: int
 
 
-def _ptr(tensor: Optional[torch.Tensor]) -> int:
-    return 0 if tensor is None else tensor.data_ptr()
+@dataclass
+class DispatchRoutes:
+    """Where one dispatch's rows went, as combine needs it (kept in the handle).
+
+    Attributes:
+        outbox_dst_rows: ``[records, L]`` destination row at each local rank of every record of
+            this rank's outbox, -1 = none.
+        recv_rows_by_producer: per local producer, per chunk of its schedule, the rows of this
+            rank that chunk filled (int32), in record order.
+        recv_src_rank / recv_src_token: source of every received row (-1 for padding).
+    """
+
+    outbox_dst_rows: torch.Tensor
+    recv_rows_by_producer: List[List[torch.Tensor]]
+    recv_src_rank: torch.Tensor
+    recv_src_token: torch.Tensor
 
 
-def _timed(kernel: str, num_bytes: int, fn, *args):
-    """Runs a C++ mover, recording it for dispatch.profile when profiling is on."""
-    if not _profile.is_enabled():
-        return fn(*args)
-    start_ns = time.perf_counter_ns()
-    result = fn(*args)
-    _profile.record(kernel, 0, start_ns, time.perf_counter_ns(), num_bytes)
-    return result
+@dataclass
+class _Mover:
+    """What every role of one dispatch moves with."""
+
+    topo: Topology
+    node: NodeLink
+    rail: RailLink
+    record: "_C.RecordLayout"
+    payload: DispatchPayload
+    chunk_records: int
+    num_threads: int
 
 
-class _RailSender:
-    """This rank's chunk stream to one remote node, through two staging slots."""
+class RailSender:
+    """This rank's chunk stream to one remote node, through its send slots of the rail staging."""
 
-    def __init__(self, peer: int, tokens: torch.Tensor, dst_rows: torch.Tensor, chunk_records: int,
+    def __init__(self, mover: _Mover, peer: int, tokens: torch.Tensor, dst_rows: torch.Tensor,
                  staging: List[torch.Tensor]) -> None:
+        self.mover = mover
         self.peer = peer
         self.tokens = tokens
         self.dst_rows = dst_rows
-        self.chunk_records = chunk_records
-        self.chunks = stream_chunks(tokens.numel(), chunk_records)
+        self.chunks = stream_chunks(tokens.numel(), mover.chunk_records)
         self.staging = staging
-        self.works: List[Optional[object]] = [None] * len(staging)
+        self.works: List[Optional[Pending]] = [None] * len(staging)
         self.next_chunk = 0
 
-    def pump(self, rail: RailLink, record: "_C.RecordLayout", payload: DispatchPayload, src_rank: int,
-             num_threads: int) -> bool:
+    def step(self) -> bool:
+        m = self.mover
         progressed = False
         for slot, work in enumerate(self.works):
             if work is not None and RailLink.done(work, self.peer):
@@ -95,146 +113,173 @@ class _RailSender:
             slot = self.next_chunk % len(self.staging)
             if self.works[slot] is not None:
                 break
-            begin = self.next_chunk * self.chunk_records
+            begin = self.next_chunk * m.chunk_records
             count = self.chunks[self.next_chunk]
             buffer = self.staging[slot]
-            _timed("dispatch.pack_rail", count * record.bytes, _C.pack_records, buffer.data_ptr(), record,
-                   payload.x.data_ptr(), _ptr(payload.scales), _ptr(payload.topk_idx), _ptr(payload.topk_weights),
-                   src_rank, self.tokens[begin:].data_ptr(), self.dst_rows[begin:].data_ptr(), count, num_threads)
-            self.works[slot] = rail.isend(buffer[:count * record.bytes], self.peer, self.next_chunk)
+            timed("dispatch.pack_rail", count * m.record.bytes, _C.pack_records, buffer.data_ptr(), m.record,
+                  m.payload.x.data_ptr(), ptr(m.payload.scales), ptr(m.payload.topk_idx), ptr(m.payload.topk_weights),
+                  m.topo.rank, self.tokens[begin:].data_ptr(), self.dst_rows[begin:].data_ptr(), count, m.num_threads)
+            self.works[slot] = m.rail.isend(buffer[:count * m.record.bytes], self.peer, self.next_chunk)
             self.next_chunk += 1
             progressed = True
         return progressed
 
     @property
-    def finished(self) -> bool:
+    def done(self) -> bool:
         return self.next_chunk == len(self.chunks) and all(work is None for work in self.works)
+
+    def waiting_on(self) -> Optional[int]:
+        return None if self.done else self.peer
+
+
+class OutboxFiller:
+    """Fills this rank's outbox in its schedule's order and publishes the filled prefix."""
+
+    def __init__(self, mover: _Mover, schedule: List[Chunk], own_tokens: torch.Tensor, own_dst_rows: torch.Tensor,
+                 record_routes: bool) -> None:
+        self.mover = mover
+        self.schedule = schedule
+        self.own_tokens = own_tokens
+        self.own_dst_rows = own_dst_rows
+        self.record_begin = [0]
+        for _, _, count in schedule:
+            self.record_begin.append(self.record_begin[-1] + count)
+        L = mover.topo.num_ranks_per_node
+        self.outbox_dst_rows = (torch.empty((self.record_begin[-1], L), dtype=torch.int32) if record_routes
+                                else None)
+        self.base_published = mover.node.load(mover.node.outbox_published(mover.topo.local_rank))
+        self.filled = 0
+        self.published = 0
+        self.receiving: Dict[int, Pending] = {}  # schedule index -> rail receive
+        self.ready = [False] * len(schedule)
+
+    def step(self) -> bool:
+        m, node, local = self.mover, self.mover.node, self.mover.topo.local_rank
+        schedule = self.schedule
+        progressed = False
+        if self.filled < len(schedule):
+            oldest_ack = min(node.load(node.outbox_acked(local, i)) for i in range(m.topo.num_ranks_per_node))
+            while self.filled < len(schedule) and self.base_published + self.filled - oldest_ack < OUTBOX_SLOTS:
+                progressed = True
+                self._fill(self.filled)
+                self.filled += 1
+        for index in list(self.receiving):
+            if RailLink.done(self.receiving[index], schedule[index][0]):
+                del self.receiving[index]
+                if self.outbox_dst_rows is not None:
+                    _C.copy_dst_rows(node.outbox_slot(local, self.base_published + index), m.record,
+                                     schedule[index][2], self.outbox_dst_rows[self.record_begin[index]:].data_ptr())
+                self.ready[index] = True
+                progressed = True
+        if self.published < self.filled and self.ready[self.published]:
+            while self.published < self.filled and self.ready[self.published]:
+                self.published += 1
+            node.store(node.outbox_published(local), self.base_published + self.published)
+            node.ring_node()
+            progressed = True
+        return progressed
+
+    def _fill(self, index: int) -> None:
+        """Packs this rank's own chunk into slot ``index``, or posts the rail receive into it."""
+        m = self.mover
+        src, chunk, count = self.schedule[index]
+        address = m.node.outbox_slot(m.topo.local_rank, self.base_published + index)
+        if src != m.topo.rank:
+            self.receiving[index] = m.rail.irecv(m.node.view(address, count * m.record.bytes), src, chunk)
+            return
+        begin = chunk * m.chunk_records
+        timed("dispatch.pack_node", count * m.record.bytes, _C.pack_records, address, m.record, m.payload.x.data_ptr(),
+              ptr(m.payload.scales), ptr(m.payload.topk_idx), ptr(m.payload.topk_weights), m.topo.rank,
+              self.own_tokens[begin:].data_ptr(), self.own_dst_rows[begin:].data_ptr(), count, m.num_threads)
+        if self.outbox_dst_rows is not None:
+            self.outbox_dst_rows[self.record_begin[index]:self.record_begin[index + 1]] = \
+                self.own_dst_rows[begin:begin + count]
+        self.ready[index] = True
+
+    @property
+    def done(self) -> bool:
+        return self.published == len(self.schedule)
+
+    def waiting_on(self) -> Optional[int]:
+        return self.schedule[min(self.receiving)][0] if self.receiving else None
+
+
+class Placer:
+    """Copies the records addressed to this rank out of every outbox of the node (its own
+    included) into the receive tensors, and acknowledges each chunk."""
+
+    def __init__(self, mover: _Mover, recv: ReceiveTensors, schedules: List[List[Chunk]],
+                 num_recv_rows: Optional[int]) -> None:
+        self.mover = mover
+        self.recv = recv
+        self.schedules = schedules
+        node, local, L = mover.node, mover.topo.local_rank, mover.topo.num_ranks_per_node
+        self.read_base = [node.load(node.outbox_acked(j, local)) for j in range(L)]
+        self.read_next = [0] * L
+        max_records = max((c for s in schedules for _, _, c in s), default=0)
+        self.rows_buf = torch.empty(max(1, max_records), dtype=torch.int32)
+        self.src_rank_buf = torch.empty_like(self.rows_buf)
+        self.src_token_buf = torch.empty_like(self.rows_buf)
+        self.routes: Optional[DispatchRoutes] = None
+        if num_recv_rows is not None:
+            self.routes = DispatchRoutes(torch.empty(0, L, dtype=torch.int32), [[] for _ in range(L)],
+                                         torch.full((num_recv_rows,), -1, dtype=torch.int32),
+                                         torch.full((num_recv_rows,), -1, dtype=torch.int32))
+
+    def step(self) -> bool:
+        m, node, local = self.mover, self.mover.node, self.mover.topo.local_rank
+        recv, rb = self.recv, self.mover.record.bytes
+        progressed = False
+        for j, producer_schedule in enumerate(self.schedules):
+            if self.read_next[j] == len(producer_schedule):
+                continue
+            available = node.load(node.outbox_published(j)) - self.read_base[j]
+            while self.read_next[j] < min(available, len(producer_schedule)):
+                _, _, count = producer_schedule[self.read_next[j]]
+                position = self.read_base[j] + self.read_next[j]
+                received = timed("dispatch.node_copy", lambda n: n * rb, _C.unpack_records,
+                                 node.outbox_slot(j, position), m.record, count, local, recv.x.data_ptr(),
+                                 ptr(recv.scales), ptr(recv.topk_idx), ptr(recv.topk_weights),
+                                 recv.expert_begin, recv.experts_per_rank, self.rows_buf.data_ptr(),
+                                 self.src_rank_buf.data_ptr(), self.src_token_buf.data_ptr(), m.num_threads)
+                node.store(node.outbox_acked(j, local), position + 1)
+                node.ring(j)
+                self.read_next[j] += 1
+                progressed = True
+                if self.routes is not None:
+                    rows = self.rows_buf[:received].clone()
+                    self.routes.recv_rows_by_producer[j].append(rows)
+                    index = rows.long()
+                    self.routes.recv_src_rank[index] = self.src_rank_buf[:received]
+                    self.routes.recv_src_token[index] = self.src_token_buf[:received]
+        return progressed
+
+    @property
+    def done(self) -> bool:
+        return first_behind(self.read_next, self.schedules) is None
+
+    def waiting_on(self) -> Optional[int]:
+        j = first_behind(self.read_next, self.schedules)
+        return None if j is None else self.mover.topo.rank_of(self.mover.topo.node, j)
 
 
 def run_dispatch(topo: Topology, node: NodeLink, rail: RailLink, payload: DispatchPayload, recv: ReceiveTensors,
-                 plan: SendPlan, schedules: List[List[Chunk]], chunk_records: int, rail_staging: List[torch.Tensor],
+                 plan: SendPlan, schedules: List[List[Chunk]], chunk_records: int, staging: RailStaging,
                  record: "_C.RecordLayout", num_threads: int, timeout_s: float,
-                 log: Optional[Dict[str, object]] = None) -> None:
-    """Moves one dispatch. With ``log``, records what combine will need:
-    ``log["outbox_dst_rows"]`` (``[records, L]``) and ``log["recv_rows_by_producer"]``, plus
-    ``log["recv_src_rank"]``/``log["recv_src_token"]`` filled per received row.
-    """
-    L, me, local = topo.num_ranks_per_node, topo.rank, topo.local_rank
-    rb = record.bytes
-
-    # Rail hop senders, two staging slots per remote peer.
-    senders: List[_RailSender] = []
-    for i, m in enumerate(m for m in range(topo.num_nodes) if m != topo.node):
-        tokens = plan.tokens(m)
-        if tokens.numel():
-            senders.append(_RailSender(topo.rail_peer(m), tokens, plan.dst_rows(m), chunk_records,
-                                       rail_staging[2 * i:2 * i + 2]))
-
-    # This rank's outbox, filled in schedule order.
-    schedule = schedules[local]
-    record_begin = [0]
-    for _, _, count in schedule:
-        record_begin.append(record_begin[-1] + count)
-    outbox_dst_rows = torch.empty((record_begin[-1], L), dtype=torch.int32) if log is not None else None
-    own_tokens, own_dst_rows = plan.tokens(topo.node), plan.dst_rows(topo.node)
-    base_published = node.load(node.outbox_published(local))
-    filled = 0
-    published = 0
-    receiving: Dict[int, object] = {}  # schedule index -> rail work
-    ready = [False] * len(schedule)
-
-    # Readers of every local outbox (this rank's own included).
-    read_base = [node.load(node.outbox_acked(j, local)) for j in range(L)]
-    read_next = [0] * L
-    rows_by_producer: List[List[torch.Tensor]] = [[] for _ in range(L)]
-    max_records = max((c for s in schedules for _, _, c in s), default=0)
-    rows_buf = torch.empty(max(1, max_records), dtype=torch.int32)
-    src_rank_buf = torch.empty_like(rows_buf)
-    src_token_buf = torch.empty_like(rows_buf)
-
-    def blocker() -> Optional[int]:
-        for index in sorted(receiving):
-            return schedule[index][0]
-        for j in range(L):
-            if read_next[j] < len(schedules[j]):
-                return topo.rank_of(topo.node, j)
-        for sender in senders:
-            if not sender.finished:
-                return sender.peer
+                 num_recv_rows: Optional[int] = None) -> Optional[DispatchRoutes]:
+    """Moves one dispatch. With ``num_recv_rows`` (the rows of the receive tensors), returns the
+    routes combine needs; a cached dispatch passes None and gets None."""
+    mover = _Mover(topo, node, rail, record, payload, chunk_records, num_threads)
+    remote = [m for m in range(topo.num_nodes) if m != topo.node]
+    senders = [RailSender(mover, topo.rail_peer(m), plan.tokens(m), plan.dst_rows(m), staging.send_slots(i))
+               for i, m in enumerate(remote) if plan.tokens(m).numel()]
+    filler = OutboxFiller(mover, schedules[topo.local_rank], plan.tokens(topo.node), plan.dst_rows(topo.node),
+                          num_recv_rows is not None)
+    placer = Placer(mover, recv, schedules, num_recv_rows)
+    roles: Sequence = [*senders, filler, placer]
+    blame_order: Sequence = [filler, placer, *senders]
+    drive(roles, node.progress(timeout_s, "dispatch", lambda: first_waited(blame_order)))
+    if placer.routes is None:
         return None
-
-    progress = Progress(timeout_s, "dispatch", blocker, node.local_pids, bell=node)
-    while True:
-        progressed = False
-        for sender in senders:
-            progressed |= sender.pump(rail, record, payload, me, num_threads)
-
-        # Fill free outbox slots.
-        if filled < len(schedule):
-            oldest_ack = min(node.load(node.outbox_acked(local, i)) for i in range(L))
-            while filled < len(schedule) and base_published + filled - oldest_ack < OUTBOX_SLOTS:
-                src, chunk, count = schedule[filled]
-                address = node.outbox_slot(local, base_published + filled)
-                if src == me:
-                    begin = chunk * chunk_records
-                    _timed("dispatch.pack_node", count * rb, _C.pack_records, address, record, payload.x.data_ptr(),
-                           _ptr(payload.scales), _ptr(payload.topk_idx), _ptr(payload.topk_weights), me,
-                           own_tokens[begin:].data_ptr(), own_dst_rows[begin:].data_ptr(), count, num_threads)
-                    if outbox_dst_rows is not None:
-                        outbox_dst_rows[record_begin[filled]:record_begin[filled + 1]] = \
-                            own_dst_rows[begin:begin + count]
-                    ready[filled] = True
-                else:
-                    receiving[filled] = rail.irecv(node.view(address, count * rb), src, chunk)
-                filled += 1
-                progressed = True
-        for index in list(receiving):
-            if RailLink.done(receiving[index], schedule[index][0]):
-                del receiving[index]
-                if outbox_dst_rows is not None:
-                    _C.copy_dst_rows(node.outbox_slot(local, base_published + index), record, schedule[index][2],
-                                     outbox_dst_rows[record_begin[index]:].data_ptr())
-                ready[index] = True
-                progressed = True
-        if published < filled and ready[published]:
-            while published < filled and ready[published]:
-                published += 1
-            node.store(node.outbox_published(local), base_published + published)
-            node.ring_node()
-            progressed = True
-
-        # Place the records addressed to this rank.
-        for j in range(L):
-            producer_schedule = schedules[j]
-            if read_next[j] == len(producer_schedule):
-                continue
-            available = node.load(node.outbox_published(j)) - read_base[j]
-            while read_next[j] < min(available, len(producer_schedule)):
-                _, _, count = producer_schedule[read_next[j]]
-                position = read_base[j] + read_next[j]
-                start_ns = time.perf_counter_ns() if _profile.is_enabled() else 0
-                received = _C.unpack_records(node.outbox_slot(j, position), record, count, local, recv.x.data_ptr(),
-                                             _ptr(recv.scales), _ptr(recv.topk_idx), _ptr(recv.topk_weights),
-                                             recv.expert_begin, recv.experts_per_rank, rows_buf.data_ptr(),
-                                             src_rank_buf.data_ptr(), src_token_buf.data_ptr(), num_threads)
-                if start_ns:
-                    _profile.record("dispatch.node_copy", 0, start_ns, time.perf_counter_ns(), received * rb)
-                node.store(node.outbox_acked(j, local), position + 1)
-                node.ring(j)
-                read_next[j] += 1
-                progressed = True
-                if log is not None:
-                    rows = rows_buf[:received].clone()
-                    rows_by_producer[j].append(rows)
-                    index = rows.long()
-                    log["recv_src_rank"][index] = src_rank_buf[:received]
-                    log["recv_src_token"][index] = src_token_buf[:received]
-
-        if (published == len(schedule) and all(s.finished for s in senders)
-                and all(read_next[j] == len(schedules[j]) for j in range(L))):
-            break
-        progress.step(progressed)
-
-    if log is not None:
-        log["outbox_dst_rows"] = outbox_dst_rows
-        log["recv_rows_by_producer"] = rows_by_producer
+    placer.routes.outbox_dst_rows = filler.outbox_dst_rows
+    return placer.routes

@@ -2,7 +2,8 @@
 
 Each local rank owns an *area* of the segment, laid out as::
 
-    control block (pid, doorbell, counters, each on its own cache line; two notify rows)
+    control block (pid, doorbell, counters, each on its own cache line; two notify rows;
+                   in local rank 0's area, the node's failure word: see failure.py)
     outbox slots   [OUTBOX_SLOTS]        dispatch records this rank exposes to its node
     return slots   [L][RETURN_SLOTS]     combine rows this rank returns to each local reducer
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 import os
 import threading
 import uuid
-from typing import List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import _C
 from ..topology import Topology
+from .failure import FailureBoard
 from .progress import Progress
 
 OUTBOX_SLOTS = 4
@@ -54,7 +56,8 @@ class NodeLink:
         self._pid_off = 0
         self._doorbell_off = _LINE
         self._notify_seq_off = 2 * _LINE  # two lines
-        self._acked_off = 4 * _LINE  # L lines: reader i's ack of this outbox
+        self._failure_off = 4 * _LINE  # used in local rank 0's area only
+        self._acked_off = 5 * _LINE  # L lines: reader i's ack of this outbox
         self._published_off = self._acked_off + L * _LINE
         self._ret_published_off = self._published_off + _LINE  # L lines, one per reducer
         self._ret_consumed_off = self._ret_published_off + L * _LINE  # L lines
@@ -65,7 +68,7 @@ class NodeLink:
         self._outbox_off = ctrl_bytes
         self._returns_off = ctrl_bytes + OUTBOX_SLOTS * self.slot_bytes
         self.area_bytes = ctrl_bytes + num_slots * self.slot_bytes
-        self._segment = self._map_segment(group, topo, L * self.area_bytes)
+        self._segment, self.token = self._map_segment(group, topo, L * self.area_bytes)
         self._base = self._segment.address
         self._bell_lock = threading.Lock()  # rail waiter threads ring while close() may unmap
         _C.atomic_store(self._addr(topo.local_rank, self._pid_off), os.getpid())
@@ -76,9 +79,12 @@ class NodeLink:
         # [parity][local rank]: int64 views of the notify rows, made once (a view costs ~20 us).
         self._notify_rows = [[self.view(self._addr(j, self._notify_rows_off + parity * notify_words * 8),
                                         notify_words * 8).view(torch.int64) for j in range(L)] for parity in (0, 1)]
+        self.failures = FailureBoard(self._addr(0, self._failure_off), self.ring_node)
 
     @staticmethod
-    def _map_segment(group: dist.ProcessGroup, topo: Topology, size_bytes: int) -> "_C.SharedMemorySegment":
+    def _map_segment(group: dist.ProcessGroup, topo: Topology,
+                     size_bytes: int) -> Tuple["_C.SharedMemorySegment", str]:
+        """Maps the node's segment; returns it and the buffer's token (the same on every rank)."""
         token: List[str] = [uuid.uuid4().hex[:16] if dist.get_rank(group) == 0 else ""]
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
         name = f"/dispatch-{token[0]}-node{topo.node}"
@@ -92,7 +98,7 @@ class NodeLink:
         finally:
             if segment is not None and creator:
                 segment.unlink()
-        return segment
+        return segment, token[0]
 
     # --- addresses -------------------------------------------------------------------------
     def _addr(self, local_rank: int, offset: int) -> int:
@@ -116,6 +122,11 @@ class NodeLink:
     def return_slot(self, writer: int, reducer: int, position: int) -> int:
         slot = reducer * RETURN_SLOTS + position % RETURN_SLOTS
         return self._addr(writer, self._returns_off + slot * self.slot_bytes)
+
+    def progress(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]]) -> Progress:
+        """A Progress for a loop of this rank: sleeps on its doorbell, watches the node's pids
+        and the buffer's first failure."""
+        return Progress(timeout_s, what, blocker, self.local_pids, bell=self, failures=self.failures)
 
     # --- doorbells ------------------------------------------------------------------------
     def ring(self, local_rank: int) -> None:
@@ -172,8 +183,7 @@ class NodeLink:
         self.ring_node()
         out = torch.empty((L, self.notify_words), dtype=torch.int64)
         pending = set(range(L))
-        progress = Progress(timeout_s, what, lambda: self.topo.rank_of(self.topo.node, min(pending)),
-                            self.local_pids, bell=self)
+        progress = self.progress(timeout_s, what, lambda: self.topo.rank_of(self.topo.node, min(pending)))
         while pending:
             done = [j for j in pending if self.load(self._addr(j, self._notify_seq_off + parity * _LINE)) == seq]
             for j in done:
@@ -185,6 +195,7 @@ class NodeLink:
 
     def close(self) -> None:
         with self._bell_lock:
+            self.failures.close()
             self._notify_rows = []
             if self._segment is not None:
                 self._segment.close()

@@ -8,13 +8,12 @@ so metadata crosses the slow link once per node pair, like the data.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import PeerTimeoutError
 from .node_link import NodeLink
-from .progress import Progress
 from .rail_link import RailLink, wait_all
 
 HEADER_WORDS = 16
@@ -23,7 +22,7 @@ NOTIFY_TAG = 1 << 24
 
 # Header words.
 (SEQ, OP, STATUS, HIDDEN, DTYPE, NUM_TOPK, NUM_EXPERTS, NUM_TOKENS, SCALE_COLS, MISSING, WORST, PARTIAL_DTYPE,
- HAS_EXPERT_COUNTS) = range(13)
+ HAS_EXPERT_COUNTS, HAS_WEIGHTS) = range(14)
 STATUS_OK, STATUS_BAD_ARGS, STATUS_MISSING_PEER = 0, 1, 2
 OP_NAMES = {1: "dispatch", 2: "cached dispatch", 3: "combine"}
 
@@ -61,7 +60,7 @@ def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float
             sends.append((peer, rail.isend(block, peer, NOTIFY_TAG)))
             works[peer] = rail.irecv(matrix[m], peer, NOTIFY_TAG)
         # Longer than a local wait, so a poisoned block from a peer's node arrives first.
-        progress = Progress(timeout_s * 1.25 + 1.0, what, lambda: min(works), node.local_pids, bell=node)
+        progress = node.progress(timeout_s * 1.25 + 1.0, what, lambda: min(works))
         wait_all(works, progress)
         # A poisoned block means its sender gave up and will never take ours: check before
         # waiting on our sends.
@@ -107,16 +106,22 @@ def check_agreement(matrix: torch.Tensor, op: int, my_error: Optional[BaseExcept
         raise ValueError(f"{OP_NAMES[op]}: rank {bad[0]} rejected its arguments (see its error); nothing was sent")
 
 
-def check_same(matrix: torch.Tensor, fields: Sequence[Tuple[int, str]]) -> None:
-    """Raises ``ValueError`` naming the field when a header word differs across ranks.
+# (header word, what must agree, how a rank's value reads in the message)
+Field = Tuple[int, str, Callable[[int], str]]
+
+
+def check_same(matrix: torch.Tensor, fields: Sequence[Field]) -> None:
+    """Raises ``ValueError`` on every rank when a header word differs across ranks, naming the
+    setting and both ranks' values in words (a dtype's name, not its code).
 
     Args:
         matrix: the gathered notify rows.
-        fields: ``(header word, name)`` pairs that must agree.
+        fields: the header words that must agree.
     """
     header = matrix[:, :HEADER_WORDS].tolist()
-    for word, name in fields:
+    for word, name, describe in fields:
         first = header[0][word]
         for rank, row in enumerate(header):
             if row[word] != first:
-                raise ValueError(f"{name} differs across ranks: rank 0 has {first}, rank {rank} has {row[word]}")
+                raise ValueError(f"{name} must be the same on every rank: rank 0 has {describe(first)}, "
+                                 f"rank {rank} has {describe(row[word])}")

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import _C
+from ..backend import HandleOrigin
 from ..compat import DeepEPHandleView
 from ..topology import Topology
 
@@ -115,6 +116,7 @@ class HostHandle(DeepEPHandleView):
         recv_src_rank / recv_src_token: source of every received row.
         rank: this rank; num_ranks_per_node: ``L``.
         is_token_in_rank: the dispatch's bool ``[T, R]`` membership.
+        origin: the buffer that made it (set by ``Buffer``, which refuses another buffer's handle).
     """
 
     num_tokens: int
@@ -133,6 +135,7 @@ class HostHandle(DeepEPHandleView):
     rank: int
     num_ranks_per_node: int
     is_token_in_rank: torch.Tensor
+    origin: Optional[HandleOrigin] = None
 
     @property
     def num_recv_rows(self) -> int:

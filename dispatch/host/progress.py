@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from ..errors import PeerTimeoutError
 
@@ -39,15 +39,18 @@ class Progress:
         local_pids: global rank -> pid of node peers, checked for death while stalled.
         bell: an object with ``bell_rings()`` and ``wait_bell(seen, timeout_s)`` (the node
             link); every change a pass can wait on must ring it.
+        failures: the buffer's ``FailureBoard``: a stalled pass gives up at once, naming the
+            first failed rank, when another rank recorded one.
     """
 
     def __init__(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]],
-                 local_pids: Optional[dict] = None, bell: Any = None) -> None:
+                 local_pids: Optional[dict] = None, bell: Any = None, failures: Any = None) -> None:
         self.timeout_s = timeout_s
         self.what = what
         self.blocker = blocker
         self.local_pids = local_pids or {}
         self.bell = bell
+        self.failures = failures
         # Read before the first pass: a ring during a pass makes the next wait return at once.
         self._seen = bell.bell_rings() if bell is not None else 0
         self._sleep_s = _SLEEP_MIN_S
@@ -64,6 +67,9 @@ class Progress:
                 self._seen = self.bell.bell_rings()
             return
         now = time.monotonic()
+        origin = self.failures.origin() if self.failures is not None else None
+        if origin is not None:
+            raise PeerTimeoutError(origin, f"failed first; {self.what} on this rank gave up")
         if now - self._last_pid_check > _PID_CHECK_INTERVAL_S:
             self._last_pid_check = now
             for rank, pid in self.local_pids.items():
@@ -79,3 +85,48 @@ class Progress:
             return
         time.sleep(self._sleep_s)
         self._sleep_s = min(_SLEEP_MAX_S, self._sleep_s * 2)
+
+
+class Role(Protocol):
+    """One part of a rank's work in an event loop (dispatch: rail sender, outbox filler, placer;
+    combine: returner, reducer, accumulator). ``step`` never blocks."""
+
+    def step(self) -> bool:
+        """Does whatever is ready; True if anything moved."""
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to do in this call."""
+
+    def waiting_on(self) -> Optional[int]:
+        """The global rank this role cannot go on without, if any (for the timeout's message)."""
+
+
+def first_behind(positions: Sequence[int], streams: Sequence[Sequence[Any]]) -> Optional[int]:
+    """The first local rank ``j`` whose stream ``streams[j]`` is not consumed up to its end
+    (``positions[j]`` items done), or None when all are."""
+    for j, stream in enumerate(streams):
+        if positions[j] < len(stream):
+            return j
+    return None
+
+
+def first_waited(roles: Sequence[Role]) -> Optional[int]:
+    """The rank the first waiting role of ``roles`` waits on."""
+    for role in roles:
+        rank = role.waiting_on()
+        if rank is not None:
+            return rank
+    return None
+
+
+def drive(roles: Sequence[Role], progress: Progress) -> None:
+    """The event loop: every pass steps each role in order, until all are done; a pass that
+    moved nothing sleeps (``progress.step``), and raises after the timeout."""
+    while True:
+        progressed = False
+        for role in roles:
+            progressed |= role.step()
+        if all(role.done for role in roles):
+            return
+        progress.step(progressed)

@@ -6,10 +6,15 @@ talks to its rail peers over it.
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
+import socket
 import threading
+import time
+import weakref
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -22,7 +27,7 @@ class Pending:
     """A rail transfer in flight: gloo's point-to-point work reports completion only through a
     blocking ``wait()``, so a daemon waiter thread turns it into a flag the event loop polls."""
 
-    __slots__ = ("work", "finished", "error", "on_done")
+    __slots__ = ("work", "finished", "error", "on_done", "__weakref__")
 
     def __init__(self, work: "dist.Work", on_done: Optional[Callable[[], None]] = None) -> None:
         self.work = work
@@ -33,7 +38,12 @@ class Pending:
 
 class _Waiters:
     """Daemon threads that block in ``work.wait()``; one more is started whenever all are busy,
-    so a transfer never queues behind another. Daemons never hold up interpreter exit."""
+    so a transfer never queues behind another.
+
+    A waiter must never return from ``work.wait()`` while the interpreter finalizes: the thread
+    would be stopped by ``pthread_exit`` inside pybind11's GIL guard and the process abort
+    (``terminate called without an active exception``). ``RailLink.close()`` and the exit hook
+    below therefore end every transfer still in flight (see ``RailLink._abort_in_flight``)."""
 
     def __init__(self) -> None:
         self._queue: "queue.Queue[Pending]" = queue.Queue()
@@ -66,6 +76,28 @@ class _Waiters:
 
 
 _WAITERS = _Waiters()
+# Rails not closed yet: closed by the exit hook, which runs before daemon threads are stopped.
+_LIVE_RAILS: "weakref.WeakSet[RailLink]" = weakref.WeakSet()
+# How long close() waits for waiters to return once their sockets are shut down.
+_ABORT_WAIT_S = 5.0
+
+
+def _socket_fds() -> Set[int]:
+    """This process's open socket file descriptors."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                fds.add(int(name))
+        except OSError:  # closed while listing
+            pass
+    return fds
+
+
+@atexit.register
+def _close_live_rails() -> None:
+    for rail in list(_LIVE_RAILS):
+        rail.close()
 
 
 class RailLink:
@@ -83,9 +115,13 @@ class RailLink:
         # Called by the waiter thread when a transfer finishes (the backend rings its doorbell).
         self.on_complete: Optional[Callable[[], None]] = None
         self._global = [dist.get_global_rank(group, r) for r in range(topo.num_ranks)]
+        self._in_flight: "weakref.WeakSet[Pending]" = weakref.WeakSet()
+        # Sockets of this rail's gloo context (the ones its construction opened).
+        self._socket_fds: Set[int] = set()
         if topo.num_nodes == 1:
             return
         gloo_timeout = timedelta(seconds=2 * timeout_s + 30)
+        before = _socket_fds()
         # Every rank builds every rail group, in the same order: torch names groups by a
         # counter, so a second Buffer gets fresh groups (hashed names would collide).
         for local in range(topo.num_ranks_per_node):
@@ -93,6 +129,8 @@ class RailLink:
             rail_group = dist.new_group(ranks=ranks, backend="gloo", timeout=gloo_timeout)
             if local == topo.local_rank:
                 self.group = rail_group
+        self._socket_fds = _socket_fds() - before
+        _LIVE_RAILS.add(self)
 
     def isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
         """Starts sending ``tensor`` to group rank ``peer``."""
@@ -107,6 +145,7 @@ class RailLink:
             pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag), self.on_complete)
         except RuntimeError as error:
             raise PeerTimeoutError(peer, f"is unreachable on the rail ({error})") from error
+        self._in_flight.add(pending)
         _WAITERS.submit(pending)
         return pending
 
@@ -120,12 +159,41 @@ class RailLink:
         return True
 
     def close(self) -> None:
+        """Ends transfers still in flight (after a failure), then frees the rail group."""
+        _LIVE_RAILS.discard(self)
         if self.group is not None:
+            self._abort_in_flight()
             try:
                 dist.destroy_process_group(self.group)
             except Exception:  # the default group may already be gone at exit
                 pass
             self.group = None
+
+    def _abort_in_flight(self) -> None:
+        """Makes every waiter blocked on this rail return, and waits until they have.
+
+        Only a failed call leaves transfers in flight. gloo's Python API cannot abort them, so
+        the rail's own sockets are shut down: gloo then fails every pending transfer at once.
+        """
+        in_flight = [p for p in self._in_flight if not p.finished]
+        if not in_flight:
+            return
+        for fd in self._socket_fds:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                continue
+            try:
+                # Never the listener: gloo's accept loop treats a shut listener as fatal.
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # not a stream socket, or already closed
+                pass
+            finally:
+                sock.detach()  # gloo still owns the descriptor
+        deadline = time.monotonic() + _ABORT_WAIT_S
+        while any(not p.finished for p in in_flight) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def wait_all(works: Dict[int, Pending], progress) -> None:
