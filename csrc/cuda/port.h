@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/bf16.h"
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -124,12 +126,6 @@ DISPATCH_DEVICE uint16_t float_to_half_bits(float value) {
 
 DISPATCH_DEVICE float bf16_bits_to_float(uint16_t bits) { return bits_as_float(static_cast<uint32_t>(bits) << 16); }
 
-// Round to nearest even; NaN becomes 0x7fc0 (as torch and the CPU backend do).
-DISPATCH_DEVICE uint16_t float_to_bf16_bits(float value) {
-  const uint32_t bits = float_as_bits(value);
-  const uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
-  const uint32_t result = (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;
-  return static_cast<uint16_t>(result >> 16);
-}
+DISPATCH_DEVICE uint16_t float_to_bf16_bits(float value) { return bf16_bits_from_float_bits(float_as_bits(value)); }
 
 }  // namespace dispatch::port

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/bf16.h"
 #include "../common/codes.h"
 
 namespace dispatch::host {
@@ -40,10 +41,7 @@ inline float bf16_to_float(uint16_t bits) {
 inline uint16_t float_to_bf16(float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = bits + 0x7fffu + ((bits >> 16) & 1u);
-  // NaN becomes 0x7fc0, as c10::BFloat16; a select rather than a branch keeps loops vectorised.
-  const uint32_t result = (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;
-  return static_cast<uint16_t>(result >> 16);
+  return bf16_bits_from_float_bits(bits);
 }
 
 inline float fp16_to_float(uint16_t bits) {
