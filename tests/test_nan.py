@@ -71,3 +71,33 @@ def test_combine_writes_canonical_nan(cluster_factory, dtype):
     results = cluster_factory(2, 2).run(_job_nan_combine, dtype, timeout_s=120)
     fails = [f for res in results for f in res]
     assert not fails, "\n".join(fails)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_simt_combine_writes_canonical_nan(dtype):
+    """The CUDA kernels (on SIMT) follow the same rule: csrc/common/round16.h is the one place."""
+    from dispatch.cuda.device import simt_available
+    from tests.dispatch_utils import make_loopback
+
+    assert simt_available(), "dispatch._simt was not built"
+    L, E, H = 2, 4, 64
+    g = torch.Generator().manual_seed(5)
+    xs = []
+    for _ in range(L):
+        x = torch.randn(6, H, generator=g)
+        x[::2, ::3] = _nans_f32().repeat(H)[: x[::2, ::3].numel()].view(x[::2, ::3].shape)
+        x = x.to(dtype)
+        x[1, :3] = torch.tensor([0xFFFF, 0xFE01, 0x7C01], dtype=torch.int32).to(torch.int16).view(dtype)
+        xs.append(x)
+    idx = torch.tensor([[0, 2]] * 6)  # every token to both ranks: sums of two copies
+
+    def step(rank, buf):
+        recv_x, _, _, _, handle, _ = buf.dispatch(xs[rank], topk_idx=idx, num_experts=E)
+        return buf.combine(recv_x, handle)[0]
+
+    with make_loopback("simt", L) as lb:
+        outs = lb.run(step)
+    for r in range(L):
+        bits = outs[r].view(torch.int16).to(torch.int64) & 0xFFFF
+        assert outs[r].isnan().any()
+        assert (bits[outs[r].isnan()] == CANONICAL_NAN_BITS[dtype]).all()
