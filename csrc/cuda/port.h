@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../common/bf16.h"
+#include "../common/round16.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -77,7 +77,9 @@ DISPATCH_DEVICE void spin_pause() {}
 DISPATCH_DEVICE float bits_as_float(uint32_t bits) { return __uint_as_float(bits); }
 DISPATCH_DEVICE uint32_t float_as_bits(float value) { return __float_as_uint(value); }
 DISPATCH_DEVICE float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
-DISPATCH_DEVICE uint16_t float_to_half_bits(float value) { return __half_as_ushort(__float2half_rn(value)); }
+DISPATCH_DEVICE uint16_t float_to_half_bits(float value) {
+  return canonical_fp16_bits(__half_as_ushort(__float2half_rn(value)));
+}
 #else
 DISPATCH_DEVICE uint64_t ld_acquire(const uint64_t* p) {
   ::simt::maybe_yield();
@@ -120,7 +122,7 @@ DISPATCH_DEVICE uint16_t float_to_half_bits(float value) {
   const _Float16 half = static_cast<_Float16>(value);  // round to nearest even
   uint16_t bits;
   std::memcpy(&bits, &half, sizeof(bits));
-  return bits;
+  return canonical_fp16_bits(bits);
 }
 #endif
 

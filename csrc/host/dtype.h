@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../common/bf16.h"
+#include "../common/round16.h"
 #include "../common/codes.h"
 
 namespace dispatch::host {
@@ -54,8 +54,7 @@ inline uint16_t float_to_fp16(float value) {
   const _Float16 half = static_cast<_Float16>(value);
   uint16_t bits;
   std::memcpy(&bits, &half, sizeof(bits));
-  // NaN becomes 0x7e00 (c10::Half's NaN): the hardware conversion would keep sign and payload.
-  return (bits & 0x7fffu) > 0x7c00u ? uint16_t{0x7e00u} : bits;
+  return canonical_fp16_bits(bits);
 }
 
 // acc[i] = (kStart ? 0 : acc[i]) + src[i] over a row of `dtype`. kStart begins a sum in one pass
