@@ -81,6 +81,28 @@ struct Waiter {
     return true;
   }
 
+  // Spins until poll() returns true (it reads the counters itself, with acquire loads). On
+  // timeout reports (blame(), channel, kind), raises the abort flag and returns false; returns
+  // false at once when another block already aborted. For a thread that serves several peers
+  // and must not wait on one while another has work (that would couple rings into a cycle).
+  template <typename Poll, typename Blame>
+  DISPATCH_DEVICE bool until_any(Poll&& poll, Blame&& blame, int channel, WaitKind kind) const {
+    if (poll()) return true;
+    const uint64_t start = port::global_timer();
+    uint32_t spins = 0;
+    while (!poll()) {
+      port::spin_pause();
+      if ((++spins & 255u) == 0) {
+        if (aborted()) return false;
+        if (port::global_timer() - start > args.timeout_ns) {
+          report(blame(), channel, kind);
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
   // First report wins (the abort flag); the host reads flag, rank, channel, kind.
   DISPATCH_DEVICE void report(int peer, int channel, WaitKind kind) const {
     if (atomicCAS(reinterpret_cast<unsigned long long*>(abort_of(own)), 0ull, 1ull) == 0ull && args.error) {
