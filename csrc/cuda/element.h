@@ -77,21 +77,25 @@ struct F16Bits { uint16_t bits; };
 template <typename T> struct Element;
 template <> struct Element<float> {
   using Acc = float;
+  static DISPATCH_DEVICE float load_cg(const float* p) { return __ldcg(p); }
   static DISPATCH_DEVICE float to_acc(float v) { return v; }
   static DISPATCH_DEVICE float from_acc(float v) { return v; }
 };
 template <> struct Element<double> {
   using Acc = double;
+  static DISPATCH_DEVICE double load_cg(const double* p) { return __ldcg(p); }
   static DISPATCH_DEVICE double to_acc(double v) { return v; }
   static DISPATCH_DEVICE double from_acc(double v) { return v; }
 };
 template <> struct Element<Bf16Bits> {
   using Acc = float;
+  static DISPATCH_DEVICE Bf16Bits load_cg(const Bf16Bits* p) { return Bf16Bits{__ldcg(&p->bits)}; }
   static DISPATCH_DEVICE float to_acc(Bf16Bits v) { return port::bf16_bits_to_float(v.bits); }
   static DISPATCH_DEVICE Bf16Bits from_acc(float v) { return Bf16Bits{port::float_to_bf16_bits(v)}; }
 };
 template <> struct Element<F16Bits> {
   using Acc = float;
+  static DISPATCH_DEVICE F16Bits load_cg(const F16Bits* p) { return F16Bits{__ldcg(&p->bits)}; }
   static DISPATCH_DEVICE float to_acc(F16Bits v) { return port::half_bits_to_float(v.bits); }
   static DISPATCH_DEVICE F16Bits from_acc(float v) { return F16Bits{port::float_to_half_bits(v)}; }
 };

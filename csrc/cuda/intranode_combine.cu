@@ -15,6 +15,9 @@
 // Bytes in flight per SM, by construction: reduce: 16 warps x 32 lanes x 4 x 16 B = 32 KiB;
 // return: the same as dispatch's copy (kLoadsInFlight = 4 vectors per lane): 32 KiB. At 0.5 us,
 // 64 GB/s per SM.
+// ptxas -v (CUDA 13.0, sm_90, 2026-12-03): float/bf16/fp16 kernels 92 registers (sm_80: 90), float64
+// 100 (sm_80: 106), 0 bytes spill stores/loads, 22156 bytes static shared memory. The old
+// kernel: 40 registers, 44 bytes of spill stores, one token per block at a time.
 #include "../common/record.h"
 #include "bad_variants.h"
 #include "batch.h"
@@ -177,7 +180,7 @@ DISPATCH_UNROLL
   }
   for (int64_t col = lane; col < a.hidden; col += kWarpSize) {  // odd sizes: one element per lane
     AccT acc[1] = {};
-    for (int q = 0; q < n; ++q) acc[0] += E::to_acc(__ldcg(reinterpret_cast<const T*>(contrib[q]) + col));
+    for (int q = 0; q < n; ++q) acc[0] += E::to_acc(E::load_cg(reinterpret_cast<const T*>(contrib[q]) + col));
     add_bias(acc, bias0, a.bias0_dtype, t * a.hidden + col);
     add_bias(acc, bias1, a.bias1_dtype, t * a.hidden + col);
     out[col] = E::from_acc(acc[0]);
