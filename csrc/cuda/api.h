@@ -9,10 +9,10 @@
 
 namespace dispatch::cuda {
 
-constexpr int kMaxPeers = 16;      // ranks per node served by the in-node kernels (one warp per peer)
+constexpr int kMaxPeers = 16;      // ranks per node served by the in-node kernels (a peer mask is 16 bits)
 constexpr int kMaxChannels = 128;  // num_sms / 2: every SM of an H200 (132) may be given
 constexpr int kMaxLocalExperts = 2048;
-constexpr int kThreads = 512;      // 16 warps: warp w serves peer w
+constexpr int kThreads = 512;      // 16 warps, all working on every batch whatever L (see batch.h)
 constexpr int64_t kHeaderBytes = 512 * 1024;  // control region at the start of every staging buffer
 
 // Staging memory of one rank (cudaMalloc, zeroed); exports a CUDA IPC handle. Freed on destruction.

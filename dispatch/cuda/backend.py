@@ -10,9 +10,11 @@ Per call, on the backend's own (communication) stream:
      its own arguments; notify gathers them into ``status_out`` (mapped host memory), so a bad
      argument on any rank raises on every rank before data moves. A rank with bad arguments still
      launches notify (with no counts) so that its peers do not stall.
-  3. ``dispatch``: block 2c sends channel c (warp d streams records to rank d's ring (c, me)),
-     block 2c+1 receives it (warp s drains ring (c, s) into the rows the plan gives).
-  4. ``combine``: the reverse; receiver blocks sum in ascending rank order in fp32 (fp64).
+  3. ``dispatch``: block 2c sends channel c in batches of up to 512 tokens (all 16 warps pack,
+     each token loaded once and stored into every peer ring that needs it), block 2c+1 places
+     whatever has arrived from any peer into the rows the plan gives (notes atop the kernel files).
+  4. ``combine``: the reverse; the reducing block sums a token per warp in ascending rank order
+     in fp32 (fp64).
 
 Host waits: outside CUDA graph capture every call waits for its notify (the verdicts; the
 receive count of a dispatch), and a call without ``async_finish`` waits for its kernels and checks
