@@ -123,8 +123,8 @@ DISPATCH_DEVICE void store_vec(T* p, const Vec<T>& v) {
   *reinterpret_cast<int4*>(p) = raw;
 }
 
-// One element of any combine dtype as AccT: for the bias terms, whose dtype may differ from x's.
-// Called once per element outside the contributor loop.
+// One element of any combine dtype as AccT (and back): for the bias terms, whose dtype may
+// differ from x's, and for rows whose dtype is only known at run time.
 template <typename AccT>
 DISPATCH_DEVICE AccT load_as(const void* base, int dtype, int64_t i) {
   switch (dtype) {
@@ -132,6 +132,16 @@ DISPATCH_DEVICE AccT load_as(const void* base, int dtype, int64_t i) {
     case kDtypeBFloat16: return static_cast<AccT>(port::bf16_bits_to_float(__ldcg(static_cast<const uint16_t*>(base) + i)));
     case kDtypeFloat16: return static_cast<AccT>(port::half_bits_to_float(__ldcg(static_cast<const uint16_t*>(base) + i)));
     default: return static_cast<AccT>(__ldcg(static_cast<const double*>(base) + i));
+  }
+}
+
+template <typename AccT>
+DISPATCH_DEVICE void store_as(void* base, int dtype, int64_t i, AccT value) {
+  switch (dtype) {
+    case kDtypeFloat32: static_cast<float*>(base)[i] = static_cast<float>(value); break;
+    case kDtypeBFloat16: static_cast<uint16_t*>(base)[i] = port::float_to_bf16_bits(static_cast<float>(value)); break;
+    case kDtypeFloat16: static_cast<uint16_t*>(base)[i] = port::float_to_half_bits(static_cast<float>(value)); break;
+    default: static_cast<double*>(base)[i] = static_cast<double>(value); break;
   }
 }
 
