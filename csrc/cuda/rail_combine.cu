@@ -16,7 +16,7 @@
 namespace dispatch::cuda {
 namespace {
 
-constexpr int kFinalBlocks = 32;
+constexpr int kFinalBlocks = 132;
 
 template <typename AccT>
 __global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a) {
@@ -188,16 +188,22 @@ void load_rail_combine_kernels() {
 
 void launch_rail_reduce(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
-  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * a.num_nodes, kThreads, 0, as_stream(stream), a);
-  else DISPATCH_LAUNCH(rail_reduce_kernel<float>, 2 * a.num_nodes, kThreads, 0, as_stream(stream), a);
+  // returners need L warps; reducers use every thread for columns (fewer on SIMT: it pays per thread)
+  int threads = is_simt() ? 128 : kThreads;
+  if (threads < 32 * a.num_ranks) threads = 32 * a.num_ranks;
+  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
+  else DISPATCH_LAUNCH(rail_reduce_kernel<float>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_rail_final(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
-  const int blocks = static_cast<int>(a.num_tokens < kFinalBlocks ? (a.num_tokens > 0 ? a.num_tokens : 1) : kFinalBlocks);
-  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_final_kernel<double>, blocks, kThreads, 0, as_stream(stream), a);
-  else DISPATCH_LAUNCH(rail_final_kernel<float>, blocks, kThreads, 0, as_stream(stream), a);
+  // a block per token (strided); few small blocks on SIMT, where every thread is a fiber
+  const int64_t most = is_simt() ? 4 : kFinalBlocks;
+  const int threads = is_simt() ? 128 : kThreads;
+  const int blocks = static_cast<int>(a.num_tokens < most ? (a.num_tokens > 0 ? a.num_tokens : 1) : most);
+  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_final_kernel<double>, blocks, threads, 0, as_stream(stream), a);
+  else DISPATCH_LAUNCH(rail_final_kernel<float>, blocks, threads, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 

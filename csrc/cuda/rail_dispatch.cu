@@ -188,15 +188,18 @@ static void check_rail(const RailDispatchArgs& a) {
 void launch_rail_pack(const RailDispatchArgs& a, uintptr_t stream) {
   check_rail(a);
   if (a.num_send_records == 0) return;
-  const int64_t blocks = (a.num_send_records + kThreads / 32 - 1) / (kThreads / 32);
-  DISPATCH_LAUNCH(rail_pack_kernel, static_cast<int>(blocks < kPackBlocks ? blocks : kPackBlocks), kThreads, 0,
+  // a record per warp; small blocks: the SIMT runtime (and TSan) pay per thread
+  const int threads = is_simt() ? 128 : kThreads;
+  const int64_t blocks = (a.num_send_records + threads / 32 - 1) / (threads / 32);
+  DISPATCH_LAUNCH(rail_pack_kernel, static_cast<int>(blocks < kPackBlocks ? blocks : kPackBlocks), threads, 0,
                   as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_rail_forward(const RailDispatchArgs& a, uintptr_t stream) {
   check_rail(a);
-  DISPATCH_LAUNCH(rail_forward_kernel, 2 * a.num_nodes, kThreads, 0, as_stream(stream), a);
+  // warp j serves local rank j: L warps per block
+  DISPATCH_LAUNCH(rail_forward_kernel, 2 * a.num_nodes, 32 * a.num_ranks, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
