@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
