@@ -176,3 +176,36 @@ def test_bad_argument_raises_everywhere(device):
                                                  num_experts=E, config=Config(num_sms=2))[0].cpu())
     for d in range(R):
         assert bit_equal(out[d], reference_dispatch(xs, idxs, None, E, L, d)["recv_x"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_finish_and_handle_entries(device):
+    """async_finish returns a real event (a later call ordered after it by previous_event); the
+    handle's DeepEP entries for several nodes describe this dispatch."""
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.float32, seed=13, tokens=[9, 14, 0, 11])
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            x, idx = to_device(xs[r], device), to_device(idxs[r], device)
+            recv, _, _, _, handle, event = buf.dispatch(x, topk_idx=idx, num_experts=E, config=Config(num_sms=2),
+                                                        async_finish=True)
+            assert event.event is not None
+            out, _, _ = buf.combine(recv, handle, config=Config(num_sms=2), previous_event=event)
+            sync(device)
+            return recv.cpu(), out.cpu(), handle[0].cpu(), handle[4].cpu(), handle[6].cpu()
+        res = lb.run(step)
+    for d in range(R):
+        ref = reference_dispatch(xs, idxs, None, E, L, d)
+        assert bit_equal(res[d][0], ref["recv_x"])
+        node, local = divmod(d, L)
+        in_rank = [torch.zeros(xs[s].shape[0], R, dtype=torch.bool) for s in range(R)]
+        for s in range(R):
+            for t in range(xs[s].shape[0]):
+                for e in idxs[s][t].tolist():
+                    if e >= 0:
+                        in_rank[s][t, e // (E // R)] = True
+        assert torch.equal(res[d][2], in_rank[d])
+        from_peers = [int(in_rank[m * L + local][:, node * L:(node + 1) * L].any(dim=1).sum()) for m in range(N)]
+        assert res[d][3].tolist() == torch.tensor(from_peers).cumsum(0).tolist()
+        assert res[d][4].tolist() == torch.tensor([int(in_rank[s][:, d].sum()) for s in range(R)]).cumsum(0).tolist()
