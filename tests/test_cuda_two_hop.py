@@ -209,3 +209,20 @@ def test_async_finish_and_handle_entries(device):
         from_peers = [int(in_rank[m * L + local][:, node * L:(node + 1) * L].any(dim=1).sum()) for m in range(N)]
         assert res[d][3].tolist() == torch.tensor(from_peers).cumsum(0).tolist()
         assert res[d][4].tolist() == torch.tensor([int(in_rank[s][:, d].sum()) for s in range(R)]).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_that_never_joins_is_named(device):
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=6, tokens=[4, 4, 4, 4])
+    with cluster(device, N, L, timeout_s=1.0) as lb:
+        def step(r, buf):
+            if r == 3:
+                return None  # never calls dispatch
+            with pytest.raises(PeerTimeoutError) as info:
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
+                             config=Config(num_sms=2))
+            return info.value
+        res = lb.run(step)
+    assert all(res[r].rank == 3 and "rank 3" in str(res[r]) for r in range(3))

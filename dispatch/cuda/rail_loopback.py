@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict, deque
-from typing import Any, Deque, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -42,6 +42,33 @@ class LoopbackFabric:
         self._cond = threading.Condition()
         # (source rank, destination rank) -> receives the destination registered, in post order
         self._recvs: Dict[Tuple[int, int], Deque[Tuple[RailChunk, Optional[Any]]]] = defaultdict(deque)
+        # the per-call host exchange: call number -> rank -> object, and how many ranks read it
+        self._gather_calls: Dict[int, int] = defaultdict(int)
+        self._gathers: Dict[int, Dict[int, Any]] = {}
+        self._gather_reads: Dict[int, int] = defaultdict(int)
+
+    def all_gather(self, rank: int, size: int, obj: Any, timeout_s: float) -> List[Any]:
+        """Every rank's ``obj`` of this call (the n-th call of each rank pairs with the n-th of the
+        others); raises ``PeerTimeoutError`` naming the lowest missing rank after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            call = self._gather_calls[rank]
+            self._gather_calls[rank] += 1
+            slots = self._gathers.setdefault(call, {})
+            slots[rank] = obj
+            self._cond.notify_all()
+            while len(slots) < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = min(set(range(size)) - set(slots))
+                    raise PeerTimeoutError(missing, "did not join the call (host exchange of the two-hop path)",
+                                           timeout_s)
+                self._cond.wait(min(left, 0.1))
+            out = [slots[r] for r in range(size)]
+            self._gather_reads[call] += 1
+            if self._gather_reads[call] == size:
+                del self._gathers[call], self._gather_reads[call]
+            return out
 
     def register(self, src: int, dst: int, chunk: RailChunk, ready: Optional[Any]) -> None:
         with self._cond:
@@ -117,6 +144,10 @@ class LoopbackRail:
             min_ns = int(chunk.num_bytes / cap * 1e9) if cap > 0 else 0
             self.mod.rail_loopback_copy(target.address, chunk.address, chunk.num_bytes, target.arrival_counter,
                                         target.arrival_value, min_ns, stream)
+
+    def all_gather_object(self, obj: Any, size: int) -> List[Any]:
+        """The per-call host exchange over the fabric, with this rail's timeout."""
+        return self.fabric.all_gather(self.rank, size, obj, self.timeout_s)
 
     def close(self) -> None:
         """Nothing to release (the fabric belongs to the cluster)."""
