@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.common import bytes_per_token
 from dispatch import Config
 from dispatch.errors import PeerTimeoutError
 from dispatch.reference import reference_combine, reference_dispatch, reference_traffic
@@ -70,6 +71,9 @@ def test_two_hop_matches_reference(device, N, L, epr, k, H, dtype, nvl, chunk):
         assert got["per_expert"] == ref["num_recv_tokens_per_expert_list"]
         assert torch.equal(got["src_rank"].long(), ref["recv_src_rank"])
         assert torch.equal(got["src_token"].long(), ref["recv_src_token"])
+    # bench.common's independent row sizes (it has no float64)
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype)
+    bpt = bytes_per_token(H, k, name, L) if name else None
     for s in range(R):
         out, out_w = reference_combine([res[d]["y"] for d in range(R)], [res[d]["recv_w"] for d in range(R)],
                                        [res[d]["src_rank"].long() for d in range(R)],
@@ -83,6 +87,9 @@ def test_two_hop_matches_reference(device, N, L, epr, k, H, dtype, nvl, chunk):
             assert stats["op"] == op
             for name, value in want[op].items():
                 assert stats[name] == value, (s, op, name)
+            if bpt is not None:  # the CPU backend's row sizes
+                assert stats["rail_bytes_per_token"] == getattr(bpt, f"{op}_rail")
+                assert stats["node_bytes_per_token"] == getattr(bpt, f"{op}_node")
             assert stats["rail_bytes"] == stats["rail_token_copies"] * stats["rail_bytes_per_token"]
             assert stats["node_bytes"] == stats["node_token_copies"] * stats["node_bytes_per_token"]
     assert any(res[s]["d_stats"]["rail_token_copies"] > 0 for s in range(R))  # the rail was used
