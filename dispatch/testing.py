@@ -46,6 +46,7 @@ class LoopbackComm:
         self.size = size
         self._slots: List[Any] = [None] * size
         self._barrier = threading.Barrier(size, timeout=120)
+        self.rail_fabric: Optional[Any] = None  # several nodes: the loopback rail's wires
 
     def all_gather_object(self, obj: Any, rank: int) -> List[Any]:
         self._slots[rank] = obj
@@ -97,10 +98,14 @@ class Loopback:
             otherwise), or a ``torch.device`` of a GPU.
         max_resident_blocks: SIMT only: the runtime's cap on blocks resident at once (0 =
             unlimited), to reproduce a GPU's co-residency limit.
+        num_ranks_per_node: ``L`` of a virtual cluster of ``num_ranks / L`` nodes (default: one
+            node); across nodes the rail is the loopback rail (``dispatch/cuda/rail_loopback.py``).
+        rail_bandwidth_bytes_per_s: the loopback rail's per-link cap (0 = uncapped).
     """
 
     def __init__(self, num_ranks: int, num_nvl_bytes: int = 64 << 20, timeout_s: float = 20.0,
-                 device: Union[None, str, torch.device] = None, max_resident_blocks: int = 0) -> None:
+                 device: Union[None, str, torch.device] = None, max_resident_blocks: int = 0,
+                 num_ranks_per_node: Optional[int] = None, rail_bandwidth_bytes_per_s: float = 0.0) -> None:
         from .buffer import Buffer
         from .cuda.device import SimtDevice, gpu_present, make_device
 
@@ -120,10 +125,14 @@ class Loopback:
         self.num_ranks = num_ranks
         self.device = make_device(kind, index)
         self.comm = LoopbackComm(num_ranks)
+        if num_ranks_per_node is not None and num_ranks_per_node != num_ranks:
+            from .cuda.rail_loopback import LoopbackFabric
+            self.comm.rail_fabric = LoopbackFabric(rail_bandwidth_bytes_per_s)
         self.compute_streams = [self.device.new_stream() if kind == "cuda" else None for _ in range(num_ranks)]
         self.buffers: List[Any] = [None] * num_ranks
         self.buffers = self.run(lambda r, _: Buffer(LoopbackGroup(r, num_ranks, self.comm, self.device),
-                                                    num_nvl_bytes, timeout_s=timeout_s))
+                                                    num_nvl_bytes, timeout_s=timeout_s,
+                                                    num_ranks_per_node=num_ranks_per_node))
 
     def run(self, fn: Callable[[int, Any], Any]) -> List[Any]:
         """Calls ``fn(rank, buffer)`` on every virtual rank at once, each in its own thread with

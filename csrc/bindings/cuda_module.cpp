@@ -9,6 +9,7 @@
 #include "../common/codes.h"
 #include "../cuda/api.h"
 #include "../cuda/plan_view.h"
+#include "rail_bindings.h"
 #if !defined(DISPATCH_WITH_NVCC)
 #include "../simt/simt.h"
 #endif
@@ -137,4 +138,5 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
   m.def("launch_notify", &launch_notify, nogil);
   m.def("launch_dispatch", &launch_dispatch, nogil);
   m.def("launch_combine", &launch_combine, nogil);
+  bind_rail(m);  // the two-hop path
 }

@@ -32,6 +32,7 @@ enum WaitKind : int {
   kWaitCombineSpace = 4,
   kWaitCombineData = 5,
   kWaitOverflow = 6,  // not a wait: a receive row beyond the receive tensors (num_worst_tokens)
+  kWaitRailArrival = 7,  // a chunk from the rail peer (the reported rank) did not arrive
 };
 
 struct WaitKindName {
@@ -43,6 +44,7 @@ constexpr WaitKindName kWaitKindNames[] = {{kWaitBarrier, "node barrier"},
                                            {kWaitDispatchData, "dispatch ring data"},
                                            {kWaitCombineSpace, "combine ring space"},
                                            {kWaitCombineData, "combine ring data"},
-                                           {kWaitOverflow, "receive rows"}};
+                                           {kWaitOverflow, "receive rows"},
+                                           {kWaitRailArrival, "rail chunk arrival"}};
 
 }  // namespace dispatch

@@ -10,3 +10,4 @@
 #define DISPATCH_BAD_RING_OVERRUN 2         // dispatch's space check lets a sender run one slot ahead
 #define DISPATCH_BAD_NO_BARRIER_BEFORE_HEAD 3  // combine frees ring slots before every thread read them
 #define DISPATCH_BAD_WAIT_ONE_TOO_MANY 4    // a dispatch receiver waits for one record more than comes
+#define DISPATCH_BAD_RAIL_EARLY_READ 5      // the two-hop forwarder reads chunk i before its arrival counter says so

@@ -6,6 +6,7 @@
 
 #include "check.h"
 #include "kernels.h"
+#include "rail_api.h"
 
 namespace dispatch::cuda {
 
@@ -104,6 +105,7 @@ void preload_kernels() {
   load_notify_kernels();
   load_dispatch_kernels();
   load_combine_kernels();
+  load_rail_kernels();  // the two-hop path (rail_api.h)
 }
 
 bool is_simt() {

@@ -5,4 +5,6 @@
 #include "../cuda/intranode_dispatch.cu"
 #include "../cuda/layout.cu"
 #include "../cuda/notify.cu"
+#include "../cuda/rail_combine.cu"
+#include "../cuda/rail_dispatch.cu"
 #include "../cuda/runtime.cu"

@@ -164,11 +164,18 @@ class CudaBackend:
 
     handle_type = CudaHandle
 
+    def __new__(cls, comm: Any, topo: Topology, *args: Any, **kwargs: Any) -> Any:
+        """Several nodes: the two-hop backend (``dispatch/cuda/two_hop.py``) instead."""
+        if cls is CudaBackend and topo.num_nodes > 1:
+            from .two_hop import TwoHopBackend
+            return TwoHopBackend(comm, topo, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, comm: Any, topo: Topology, num_nvl_bytes: int, timeout_s: float, device: Device,
                  loopback: bool = False) -> None:
         mod = device.mod
-        if topo.num_nodes != 1:
-            raise NotImplementedError("the CUDA backend serves one node so far (issue 'CUDA backend part 2')")
+        if topo.num_nodes != 1:  # __new__ builds a TwoHopBackend then; this is a direct call
+            raise NotImplementedError("CudaBackend serves one node: use dispatch.cuda.two_hop.TwoHopBackend")
         if topo.num_ranks_per_node > mod.MAX_PEERS:
             raise ValueError(f"num_ranks_per_node={topo.num_ranks_per_node} exceeds the CUDA backend's {mod.MAX_PEERS}")
         self.mod = mod

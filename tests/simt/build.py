@@ -48,16 +48,17 @@ class SimtBuilds:
                            capture_output=True, text=True)
         return binary
 
-    def kernel_drivers(self, variants: Dict[str, List[str]]) -> Dict[str, Path]:
-        """tests/simt/kernel_driver.cpp linked with the kernels built with each variant's flags
-        (``-fsanitize=thread`` among them selects the TSan runtime objects)."""
+    def kernel_drivers(self, variants: Dict[str, List[str]], driver: str = DRIVER_SOURCE) -> Dict[str, Path]:
+        """tests/simt/kernel_driver.cpp (or another ``driver``) linked with the kernels built with
+        each variant's flags (``-fsanitize=thread`` among them selects the TSan runtime objects)."""
+        stem = "driver" if driver == DRIVER_SOURCE else Path(driver).stem
         jobs = []
         for kind, runtime_flags in (("plain", []), ("tsan", ["-DSIMT_TSAN"])):
             for source in RUNTIME_SOURCES:
                 # the runtime itself is never instrumented: its bookkeeping is not the kernels' data
                 jobs.append((source, self.dir / f"{kind}-{Path(source).stem}.o", runtime_flags))
         for kind, flags in (("plain", []), ("tsan", ["-fsanitize=thread", "-Wno-tsan"])):
-            jobs.append((DRIVER_SOURCE, self.dir / f"{kind}-driver.o", flags))
+            jobs.append((driver, self.dir / f"{kind}-{stem}.o", flags))
         for name, flags in variants.items():
             jobs.append((KERNEL_SOURCE, self.dir / f"{name}-kernels.o", flags))
         todo = [job for job in jobs if not job[1].exists()]
@@ -67,10 +68,10 @@ class SimtBuilds:
         binaries = {}
         for name, flags in variants.items():
             kind = "tsan" if "-fsanitize=thread" in flags else "plain"
-            binary = self.dir / name
+            binary = self.dir / (name if driver == DRIVER_SOURCE else f"{stem}-{name}")
             if not binary.exists():
                 objects = [self.dir / f"{kind}-{Path(s).stem}.o" for s in RUNTIME_SOURCES]
-                objects += [self.dir / f"{kind}-driver.o", self.dir / f"{name}-kernels.o"]
+                objects += [self.dir / f"{kind}-{stem}.o", self.dir / f"{name}-kernels.o"]
                 link = [CXX, "-pthread"] + (["-fsanitize=thread"] if kind == "tsan" else [])
                 subprocess.run(link + [str(o) for o in objects] + ["-o", str(binary)], check=True,
                                capture_output=True, text=True)

@@ -1,0 +1,210 @@
+// Two-hop combine, dispatch run backwards. The reduce kernel: block 2m returns the rows I
+// received from source node m to their forwarders (warp j: source (m, j)'s rows to local rank j,
+// ring (m, me) there); block 2m + 1 is my reducer for source node m: for every record I forwarded
+// from node m, in order, it sums the returned rows of the local ranks that received it in
+// ascending local rank (fp32, fp64 for float64) into one partial per (token, node). The backend
+// then sends the partials of remote source nodes over the rail. The final kernel, at the source:
+// acc = 0, += own node's partial, += each remote node's partial in ascending node order, + bias,
+// cast: the fixed order of docs/semantics.md, bit for bit.
+#include "../common/record.h"
+#include "bad_variants.h"
+#include "kernels.h"
+#include "rail_api.h"
+#include "rail_copy.h"
+#include "staging.h"
+
+namespace dispatch::cuda {
+namespace {
+
+constexpr int kFinalBlocks = 132;
+
+template <typename AccT>
+__global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a) {
+  DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);
+  DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
+  DISPATCH_SHARED(int, num_contrib);
+  DISPATCH_SHARED(int, ok);
+  const int L = a.num_ranks, me = a.rank, n = a.node;
+  const int m = blockIdx.x / 2;
+  const bool returner = (blockIdx.x % 2) == 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint64_t own = a.peers.ptr[me];
+  if (call_is_void(own)) return;
+  const Waiter w{own, a.wait, 0};
+  const int k = a.num_topk;
+  const int64_t x_bytes = a.hidden * rail::elem_bytes(a.dtype);
+  const ReturnRowLayout rl{x_bytes, k};
+  const int64_t row_bytes = rl.bytes();
+  const int64_t slots = a.ring_slots;
+
+  if (returner) {
+    if (warp >= L) return;
+    const int j = warp;
+    const int64_t lo = reinterpret_cast<const int32_t*>(a.recv_base)[m * L + j];
+    const int64_t count = reinterpret_cast<const int32_t*>(a.recv_counts)[m * L + j];
+    uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, row_bytes);
+    uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
+    const uint64_t* head = head_of(own, m, j);
+    const uint8_t* x = reinterpret_cast<const uint8_t*>(a.x);
+    const float* weights = reinterpret_cast<const float*>(a.topk_weights);
+    for (int64_t i = 0; i < count; ++i) {
+      int good = 1;
+      if (lane == 0 && i + 1 > slots) good = w.until(head, i + 1 - slots, n * L + j, m, kWaitCombineSpace);
+      if (!__shfl_sync(0xffffffffu, good, 0)) return;
+      uint8_t* dst = ring + (i % slots) * row_bytes;
+      rail::warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
+      if (lane < k) rail::store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence_system();
+        port::st_release(tail, i + 1);
+      }
+    }
+    return;
+  }
+
+  const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
+  const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
+  const int32_t* routes = reinterpret_cast<const int32_t*>(a.routes);
+  const int pdtype = (m != n) ? a.partial_dtype : -1;
+  const PartialRowLayout pl{a.hidden, static_cast<int>(sizeof(AccT)), k, pdtype};
+  const int64_t pb = pl.bytes();
+  if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
+  __syncthreads();
+  for (int64_t i = 0; i < count; ++i) {
+    if (threadIdx.x == 0) {
+      int c = 0, good = 1;
+      for (int j = 0; j < L && good; ++j) {
+        if (routes[(begin + i) * L + j] < 0) continue;
+        good = w.until(tail_of(own, m, j), consumed[j] + 1, n * L + j, m, kWaitCombineData);
+        contrib[c++] = j;
+      }
+      num_contrib = c;
+      ok = good;
+    }
+    __syncthreads();
+    if (!ok) return;
+    const int c = num_contrib;
+    uint8_t* partial = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(a.partials)[m]) + i * pb;
+    for (int64_t col = threadIdx.x; col < a.hidden; col += blockDim.x) {
+      AccT acc = 0;
+      for (int q = 0; q < c; ++q) {
+        const int j = contrib[q];
+        acc += rail::load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes, a.dtype, col);
+      }
+      if (pdtype >= 0) rail::store_as<AccT>(partial, pdtype, col, acc);
+      else reinterpret_cast<AccT*>(partial)[col] = acc;
+    }
+    for (int col = threadIdx.x; col < k; col += blockDim.x) {
+      float acc = 0.0f;
+      for (int q = 0; q < c; ++q) {
+        const int j = contrib[q];
+        acc += rail::load_f32(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes +
+                              rl.weights_offset() + 4 * col);
+      }
+      rail::store_f32(partial + pl.weights_offset() + 4 * col, acc);
+    }
+    __syncthreads();  // every thread has read the slots before they are handed back
+    if (threadIdx.x == 0) {
+      for (int q = 0; q < c; ++q) {
+        const int j = contrib[q];
+        ++consumed[j];
+        port::st_release(head_of(a.peers.ptr[j], m, me), consumed[j]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename AccT>
+__global__ void __launch_bounds__(kThreads) rail_final_kernel(RailCombineArgs a) {
+  DISPATCH_SHARED(int, ok);
+  const int L = a.num_ranks, me = a.rank, n = a.node, N = a.num_nodes, k = a.num_topk;
+  const uint64_t own = a.peers.ptr[me];
+  if (call_is_void(own)) return;
+  const Waiter w{own, a.wait, 0};
+  const PartialRowLayout own_layout{a.hidden, static_cast<int>(sizeof(AccT)), k, -1};
+  const PartialRowLayout remote_layout{a.hidden, static_cast<int>(sizeof(AccT)), k, a.partial_dtype};
+  const uint64_t* regions = reinterpret_cast<const uint64_t*>(a.partial_regions);
+  const int32_t* positions = reinterpret_cast<const int32_t*>(a.positions);
+  if (threadIdx.x == 0) {
+    int good = 1;
+    const int64_t* chunks = reinterpret_cast<const int64_t*>(a.num_chunks);
+    for (int m = 0; m < N && good; ++m) {
+      if (m == n || chunks[m] == 0) continue;
+      good = w.until(reinterpret_cast<const uint64_t*>(a.arrival) + m, static_cast<uint64_t>(chunks[m]), m * L + me, m,
+                     kWaitRailArrival);
+    }
+    ok = good;
+  }
+  __syncthreads();
+  if (!ok) return;
+  for (int64_t t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    const int32_t* pos = positions + t * N;
+    for (int64_t col = threadIdx.x; col < a.hidden; col += blockDim.x) {
+      AccT acc = 0;
+      for (int q = 0; q < N; ++q) {
+        const int m = q == 0 ? n : (q <= n ? q - 1 : q);  // own node first, then the others ascending
+        if (pos[m] < 0) continue;
+        const PartialRowLayout& pl = m == n ? own_layout : remote_layout;
+        const uint8_t* row = reinterpret_cast<const uint8_t*>(regions[m]) + pos[m] * pl.bytes();
+        if (pl.row_dtype >= 0) acc += rail::load_as<AccT>(row, pl.row_dtype, col);
+        else acc += __ldcg(reinterpret_cast<const AccT*>(row) + col);
+      }
+      if (a.bias0) acc += rail::load_as<AccT>(reinterpret_cast<const void*>(a.bias0), a.bias0_dtype, t * a.hidden + col);
+      if (a.bias1) acc += rail::load_as<AccT>(reinterpret_cast<const void*>(a.bias1), a.bias1_dtype, t * a.hidden + col);
+      rail::store_as<AccT>(reinterpret_cast<void*>(a.out), a.dtype, t * a.hidden + col, acc);
+    }
+    if (a.out_weights) {
+      for (int col = threadIdx.x; col < k; col += blockDim.x) {
+        float acc = 0.0f;
+        for (int q = 0; q < N; ++q) {
+          const int m = q == 0 ? n : (q <= n ? q - 1 : q);
+          if (pos[m] < 0) continue;
+          const PartialRowLayout& pl = m == n ? own_layout : remote_layout;
+          acc += rail::load_f32(reinterpret_cast<const uint8_t*>(regions[m]) + pos[m] * pl.bytes() + pl.weights_offset() + 4 * col);
+        }
+        reinterpret_cast<float*>(a.out_weights)[t * k + col] = acc;
+      }
+    }
+  }
+}
+
+void check_rail(const RailCombineArgs& a) {
+  check_node(a.num_ranks, a.num_nodes);
+  DISPATCH_CHECK_ARG(a.num_nodes >= 2 && a.num_nodes <= kMaxNodes, "the two-hop path serves 2..64 nodes");
+  DISPATCH_CHECK_ARG(a.num_topk <= 32, "num_topk must be <= 32");
+}
+
+}  // namespace
+
+void load_rail_combine_kernels() {
+  cudaFuncAttributes attr;
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_reduce_kernel<float>));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_reduce_kernel<double>));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_final_kernel<float>));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_final_kernel<double>));
+}
+
+void launch_rail_reduce(const RailCombineArgs& a, uintptr_t stream) {
+  check_rail(a);
+  // returners need L warps; reducers use every thread for columns (fewer on SIMT: it pays per thread)
+  int threads = is_simt() ? 128 : kThreads;
+  if (threads < 32 * a.num_ranks) threads = 32 * a.num_ranks;
+  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
+  else DISPATCH_LAUNCH(rail_reduce_kernel<float>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
+  DISPATCH_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_rail_final(const RailCombineArgs& a, uintptr_t stream) {
+  check_rail(a);
+  // a block per token (strided); few small blocks on SIMT, where every thread is a fiber
+  const int64_t most = is_simt() ? 4 : kFinalBlocks;
+  const int threads = is_simt() ? 128 : kThreads;
+  const int blocks = static_cast<int>(a.num_tokens < most ? (a.num_tokens > 0 ? a.num_tokens : 1) : most);
+  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_final_kernel<double>, blocks, threads, 0, as_stream(stream), a);
+  else DISPATCH_LAUNCH(rail_final_kernel<float>, blocks, threads, 0, as_stream(stream), a);
+  DISPATCH_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace dispatch::cuda

@@ -1,0 +1,223 @@
+// Two-hop dispatch, the CUDA side of the rail: the rail sender packs each of my tokens once per
+// destination node (RecordLayout with the L destination rows there); the transport moves node
+// m's records to my rail peer on node m in chunks and bumps its arrival counter; on the
+// destination node the forwarder (block 2m of the forward kernel: source node m) pushes each
+// chunk to the node's ranks through the in-node rings as soon as its counter says it landed,
+// while the next chunk is still on the wire; receivers (block 2m + 1) place rows by dst_row.
+#include "../common/record.h"
+#include "bad_variants.h"
+#include "kernels.h"
+#include "rail_api.h"
+#include "rail_copy.h"
+#include "staging.h"
+
+namespace dispatch::cuda {
+namespace {
+
+constexpr int kPackBlocks = 64;
+#if defined(__CUDACC__)
+constexpr cudaMemcpyKind kDeviceToDevice = cudaMemcpyDeviceToDevice;
+#else
+constexpr int kDeviceToDevice = 3;  // the SIMT runtime ignores the kind (one address space)
+#endif
+
+__global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a) {
+  const int L = a.num_ranks, k = a.num_topk;
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  const RecordLayout rl{L, k, a.hidden_bytes, a.scale_bytes};
+  const int64_t rb = rl.bytes();
+  const int32_t* tokens = reinterpret_cast<const int32_t*>(a.node_tokens);
+  const int32_t* dst_rows = reinterpret_cast<const int32_t*>(a.node_dst_rows);
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(a.x);
+  const uint8_t* scales = reinterpret_cast<const uint8_t*>(a.scales);
+  const int64_t* topk_idx = reinterpret_cast<const int64_t*>(a.topk_idx);
+  const float* topk_weights = reinterpret_cast<const float*>(a.topk_weights);
+  for (int64_t r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < a.num_send_records; r += warps) {
+    uint8_t* rec = reinterpret_cast<uint8_t*>(a.send_region) + r * rb;
+    const int64_t tok = tokens[r];
+    if (lane < L) reinterpret_cast<int32_t*>(rec + rl.dst_rows_offset())[lane] = dst_rows[r * L + lane];
+    if (lane == 0) {
+      *reinterpret_cast<int32_t*>(rec + rl.src_token_offset()) = static_cast<int32_t>(tok);
+      *reinterpret_cast<int32_t*>(rec + rl.src_rank_offset()) = a.node * L + a.rank;
+    }
+    if (lane < k) {
+      reinterpret_cast<int64_t*>(rec + rl.topk_idx_offset())[lane] = topk_idx[tok * k + lane];
+      reinterpret_cast<float*>(rec + rl.topk_weights_offset())[lane] = topk_weights ? topk_weights[tok * k + lane] : 1.0f;
+    }
+    rail::warp_copy(rec + rl.x_offset(), x + tok * a.hidden_bytes, a.hidden_bytes, lane);
+    if (a.scale_bytes) rail::warp_copy(rec + rl.scales_offset(), scales + tok * a.scale_bytes, a.scale_bytes, lane);
+  }
+}
+
+// Block 2m: forwarder of source node m (warp j feeds local rank j's ring (m, me)); block 2m + 1:
+// receiver of source node m (warp p drains ring (m, p), forwarder p's records).
+__global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs a) {
+  const int L = a.num_ranks, me = a.rank, n = a.node;
+  const int m = blockIdx.x / 2;
+  const bool forwarder = (blockIdx.x % 2) == 0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp >= L) return;
+  const uint64_t own = a.peers.ptr[me];
+  if (call_is_void(own)) return;
+  const Waiter w{own, a.wait, 0};  // peers are reported by global rank
+  const RecordLayout rl{L, a.num_topk, a.hidden_bytes, a.scale_bytes};
+  const int64_t rb = rl.bytes();
+  const int64_t slots = a.ring_slots;
+  const int k = a.num_topk;
+
+  if (forwarder) {
+    const int j = warp;
+    const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
+    const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
+    const uint8_t* region = reinterpret_cast<const uint8_t*>(reinterpret_cast<const uint64_t*>(a.fwd_regions)[m]);
+    const uint64_t* arrival = reinterpret_cast<const uint64_t*>(a.arrival) + m;
+    uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, rb);
+    uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
+    const uint64_t* head = head_of(own, m, j);
+    int32_t* routes = reinterpret_cast<int32_t*>(a.routes);
+    uint64_t arrived = m == n ? ~0ull : 0;  // my own node's records are in my send region already
+    uint64_t sent = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint64_t chunk = static_cast<uint64_t>(i / a.chunk_records);
+#if DISPATCH_BAD_VARIANT == DISPATCH_BAD_RAIL_EARLY_READ
+      const uint64_t need = chunk;  // reads chunk i while its counter may still say i
+#else
+      const uint64_t need = chunk + 1;
+#endif
+      int ok = 1;
+      if (lane == 0 && arrived < need) {
+        ok = w.until(arrival, need, m * L + me, m, kWaitRailArrival);
+        arrived = port::ld_acquire(arrival);
+      }
+      if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+      __syncwarp();  // lane 0's acquire orders the warp's reads of the chunk
+      const uint8_t* rec = region + i * rb;
+      const int32_t row = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + j);
+      if (routes && lane == 0) routes[(begin + i) * L + j] = row;
+      if (row < 0) continue;
+      if (lane == 0 && sent + 1 > static_cast<uint64_t>(slots)) ok = w.until(head, sent + 1 - slots, n * L + j, m, kWaitDispatchSpace);
+      if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+      rail::warp_copy(ring + static_cast<int64_t>(sent % slots) * rb, rec, rb, lane);
+      __syncwarp();
+      ++sent;
+      if (lane == 0) {
+        __threadfence_system();
+        port::st_release(tail, sent);
+      }
+    }
+    return;
+  }
+
+  const int p = warp;
+  // A receiver of a remote node's records waits twice as long: the forwarder waiting on the
+  // rail then reports first and names the rail peer, not itself.
+  WaitArgs patient = a.wait;
+  if (m != n) patient.timeout_ns *= 2;
+  const Waiter rw{own, patient, 0};
+  const int64_t count = reinterpret_cast<const int32_t*>(a.recv_counts)[m * L + p];
+  const uint8_t* ring = ring_of(own, m, p, L, slots, rb);
+  const uint64_t* tail = tail_of(own, m, p);
+  uint64_t* head = head_of(a.peers.ptr[p], m, me);
+  uint8_t* recv_x = reinterpret_cast<uint8_t*>(a.recv_x);
+  uint8_t* recv_scales = reinterpret_cast<uint8_t*>(a.recv_scales);
+  int64_t* recv_idx = reinterpret_cast<int64_t*>(a.recv_topk_idx);
+  float* recv_w = reinterpret_cast<float*>(a.recv_topk_weights);
+  int32_t* src_rank = reinterpret_cast<int32_t*>(a.recv_src_rank);
+  int32_t* src_token = reinterpret_cast<int32_t*>(a.recv_src_token);
+  uint64_t seen = 0;
+  for (uint64_t i = 0; i < static_cast<uint64_t>(count); ++i) {
+    int ok = 1;
+    if (lane == 0 && i >= seen) {
+      ok = rw.until(tail, i + 1, n * L + p, m, kWaitDispatchData);
+      seen = port::ld_acquire(tail);
+    }
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+    __syncwarp();
+    const uint8_t* rec = ring + static_cast<int64_t>(i % slots) * rb;
+    const int64_t row = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + me);
+    if (row < 0 || row >= a.max_rows) {  // num_worst_tokens below the received count
+      if (lane == 0) w.report(n * L + p, m, kWaitOverflow);
+      return;
+    }
+    rail::warp_copy(recv_x + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
+    if (a.scale_bytes) rail::warp_copy(recv_scales + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
+    if (lane < k && recv_idx) {
+      const int64_t e = __ldcg(reinterpret_cast<const int64_t*>(rec + rl.topk_idx_offset()) + lane);
+      const bool mine = e >= a.expert_begin && e < a.expert_begin + a.experts_per_rank;
+      recv_idx[row * k + lane] = mine ? e - a.expert_begin : -1;
+      if (recv_w) recv_w[row * k + lane] = mine ? __ldcg(reinterpret_cast<const float*>(rec + rl.topk_weights_offset()) + lane) : 0.0f;
+    }
+    if (lane == 0) {
+      src_rank[row] = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.src_rank_offset()));
+      src_token[row] = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.src_token_offset()));
+    }
+    __syncwarp();
+    if (lane == 0) port::st_release(head, i + 1);
+  }
+}
+
+__global__ void rail_throttle_kernel(uint64_t min_duration_ns) {
+  const uint64_t start = port::global_timer();
+  while (port::global_timer() - start < min_duration_ns) port::spin_pause();
+}
+
+__global__ void rail_arrive_kernel(uint64_t counter, uint64_t value) {
+  __threadfence_system();  // the copy's bytes before the counter (stream order gives the rest)
+  port::st_release(reinterpret_cast<uint64_t*>(counter), value);
+}
+
+}  // namespace
+
+void load_rail_kernels() {
+  cudaFuncAttributes attr;
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_pack_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_forward_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_throttle_kernel));
+  DISPATCH_CUDA_CHECK(cudaFuncGetAttributes(&attr, rail_arrive_kernel));
+  load_rail_combine_kernels();
+}
+
+static void check_rail(const RailDispatchArgs& a) {
+  check_node(a.num_ranks, a.num_nodes);
+  DISPATCH_CHECK_ARG(a.num_nodes >= 2 && a.num_nodes <= kMaxNodes, "the two-hop path serves 2..64 nodes");
+  DISPATCH_CHECK_ARG(a.num_topk <= 32, "num_topk must be <= 32");
+  DISPATCH_CHECK_ARG(a.chunk_records >= 1, "chunk_records must be >= 1");
+}
+
+void launch_rail_pack(const RailDispatchArgs& a, uintptr_t stream) {
+  check_rail(a);
+  if (a.num_send_records == 0) return;
+  // a record per warp; small blocks: the SIMT runtime (and TSan) pay per thread
+  const int threads = is_simt() ? 128 : kThreads;
+  const int64_t blocks = (a.num_send_records + threads / 32 - 1) / (threads / 32);
+  DISPATCH_LAUNCH(rail_pack_kernel, static_cast<int>(blocks < kPackBlocks ? blocks : kPackBlocks), threads, 0,
+                  as_stream(stream), a);
+  DISPATCH_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_rail_forward(const RailDispatchArgs& a, uintptr_t stream) {
+  check_rail(a);
+  // warp j serves local rank j: L warps per block
+  DISPATCH_LAUNCH(rail_forward_kernel, 2 * a.num_nodes, 32 * a.num_ranks, 0, as_stream(stream), a);
+  DISPATCH_CUDA_CHECK(cudaGetLastError());
+}
+
+void rail_loopback_copy(uint64_t dst, uint64_t src, int64_t bytes, uint64_t counter, uint64_t value,
+                        uint64_t min_duration_ns, uintptr_t stream) {
+  DISPATCH_CHECK_ARG(bytes >= 0, "bytes must be >= 0");
+  if (min_duration_ns) {
+    DISPATCH_LAUNCH(rail_throttle_kernel, 1, 1, 0, as_stream(stream), min_duration_ns);
+    DISPATCH_CUDA_CHECK(cudaGetLastError());
+  }
+  if (bytes) {
+    DISPATCH_CUDA_CHECK(cudaMemcpyAsync(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                                        static_cast<size_t>(bytes), kDeviceToDevice, as_stream(stream)));
+  }
+  if (counter) {
+    DISPATCH_LAUNCH(rail_arrive_kernel, 1, 1, 0, as_stream(stream), counter, value);
+    DISPATCH_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace dispatch::cuda

@@ -1,0 +1,235 @@
+"""CUDA backend across nodes (the two-hop path, dispatch/cuda/two_hop.py): virtual clusters of
+N nodes x L ranks (dispatch.testing.Loopback with num_ranks_per_node) through the loopback rail,
+on the SIMT runtime (and on a GPU when there is one). Dispatch is bit-identical to the reference
+(the CPU backend's contract), combine follows the fixed order bit for bit, traffic counters are
+the reference's (the CPU backend's definitions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.common import bytes_per_token
+from dispatch import Config
+from dispatch.errors import PeerTimeoutError
+from dispatch.reference import reference_combine, reference_dispatch, reference_traffic
+from tests.dispatch_utils import bit_equal, sync, to_cpu, to_device
+from tests.dispatch_utils import cuda_device_params as device_params
+from tests.dispatch_utils import loopback_inputs as inputs
+from tests.dispatch_utils import make_loopback
+
+DEVICES = device_params()
+
+
+def cluster(device, N, L, **kwargs):
+    return make_loopback(device, N * L, num_ranks_per_node=L, **kwargs)
+
+
+CASES = [
+    # N, L, E/R, k, H, dtype, nvl_bytes (small: rings wrap), chunk_tokens (small: many rail chunks)
+    (2, 2, 2, 3, 40, torch.bfloat16, 0, None),
+    (2, 4, 2, 4, 24, torch.float32, 0, 4),
+    (4, 2, 2, 3, 33, torch.float16, (512 << 10) + 4096, 3),
+    (2, 2, 3, 2, 16, torch.float64, 0, 5),
+]
+
+
+def _params():
+    return [pytest.param(dev.values[0], *case, marks=dev.marks) for case in CASES for dev in DEVICES]
+
+
+@pytest.mark.parametrize("device,N,L,epr,k,H,dtype,nvl,chunk", _params())
+def test_two_hop_matches_reference(device, N, L, epr, k, H, dtype, nvl, chunk):
+    R = N * L
+    E = epr * R
+    tokens = [int(t) for t in torch.randint(0, 40, (R,), generator=torch.Generator().manual_seed(R + H))]
+    tokens[1] = 0  # a rank with no tokens
+    xs, idxs, ws = inputs(R, E, k, H, dtype, seed=R * 10 + H, tokens=tokens)
+    config = Config(num_sms=2, chunk_tokens=chunk)
+    kw = {"num_nvl_bytes": nvl} if nvl else {}
+    with cluster(device, N, L, **kw) as lb:
+        def step(r, buf):
+            x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
+            recv_x, recv_idx, recv_w, per_expert, handle, _ = buf.dispatch(
+                x, topk_idx=idx, topk_weights=w, num_experts=E, expert_alignment=4, config=config)
+            d_stats = buf.get_traffic_stats()
+            y = (recv_x.to(torch.float32) * 1.5).to(dtype)
+            bias = to_device(torch.randn(x.shape[0], H), device).to(dtype)
+            out, out_w, _ = buf.combine(y, handle, topk_weights=recv_w, bias=bias, config=config)
+            sync(device)
+            return dict(recv_x=recv_x.cpu(), recv_idx=recv_idx.cpu(), recv_w=recv_w.cpu(), per_expert=per_expert,
+                        src_rank=handle.recv_src_rank.cpu(), src_token=handle.recv_src_token.cpu(), y=y.cpu(),
+                        bias=bias.cpu(), out=out.cpu(), out_w=out_w.cpu(), d_stats=d_stats,
+                        c_stats=buf.get_traffic_stats())
+        res = lb.run(step)
+    for d in range(R):
+        ref = reference_dispatch(xs, idxs, ws, E, L, d, expert_alignment=4)
+        got = res[d]
+        assert bit_equal(got["recv_x"], ref["recv_x"]), d
+        assert torch.equal(got["recv_idx"], ref["recv_topk_idx"])
+        assert torch.equal(got["recv_w"], ref["recv_topk_weights"])
+        assert got["per_expert"] == ref["num_recv_tokens_per_expert_list"]
+        assert torch.equal(got["src_rank"].long(), ref["recv_src_rank"])
+        assert torch.equal(got["src_token"].long(), ref["recv_src_token"])
+    # bench.common's independent row sizes (it has no float64)
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}.get(dtype)
+    bpt = bytes_per_token(H, k, name, L) if name else None
+    for s in range(R):
+        out, out_w = reference_combine([res[d]["y"] for d in range(R)], [res[d]["recv_w"] for d in range(R)],
+                                       [res[d]["src_rank"].long() for d in range(R)],
+                                       [res[d]["src_token"].long() for d in range(R)], L, s, xs[s].shape[0],
+                                       bias=res[s]["bias"])
+        assert torch.equal(res[s]["out"], out), s
+        assert torch.equal(res[s]["out_w"], out_w)
+        want = reference_traffic(idxs, E, L, s)
+        for op, key in (("dispatch", "d_stats"), ("combine", "c_stats")):
+            stats = res[s][key]
+            assert stats["op"] == op
+            for name, value in want[op].items():
+                assert stats[name] == value, (s, op, name)
+            if bpt is not None:  # the CPU backend's row sizes
+                assert stats["rail_bytes_per_token"] == getattr(bpt, f"{op}_rail")
+                assert stats["node_bytes_per_token"] == getattr(bpt, f"{op}_node")
+            assert stats["rail_bytes"] == stats["rail_token_copies"] * stats["rail_bytes_per_token"]
+            assert stats["node_bytes"] == stats["node_token_copies"] * stats["node_bytes_per_token"]
+    assert any(res[s]["d_stats"]["rail_token_copies"] > 0 for s in range(R))  # the rail was used
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_cached_worst_and_rounded_partials(device):
+    """FP8 pairs and a cached dispatch along the handle; num_worst_tokens pads with zeros / -1;
+    round_rail_partials sends remote partials rounded to bfloat16, as the reference says."""
+    N, L, E, k, H, W = 2, 2, 8, 2, 130, 90
+    R = N * L
+    xs, idxs, ws = inputs(R, E, k, H, None, seed=3, fp8=True, tokens=[20, 0, 17, 25])
+    bx, _, _ = inputs(R, E, k, H, torch.bfloat16, seed=4, tokens=[20, 0, 17, 25])
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
+            cfg = Config(num_sms=2, chunk_tokens=4)
+            recv, _, _, _, handle, _ = buf.dispatch(x, topk_idx=idx, num_experts=E, config=cfg)
+            again, a, b, c, h2, _ = buf.dispatch(x, handle=handle, config=cfg)
+            assert a is None and b is None and c is None and h2 is handle
+            wx, widx, ww, wlist, wh, _ = buf.dispatch(to_device(bx[r], device), topk_idx=idx, topk_weights=w,
+                                                    num_experts=E, num_worst_tokens=W, config=cfg)
+            assert wlist == []
+            rounded = Config(num_sms=2, round_rail_partials=True)
+            out, _, _ = buf.combine(wx, wh, config=rounded)
+            sync(device)
+            return to_cpu(recv), to_cpu(again), wx.cpu(), widx.cpu(), ww.cpu(), wh.num_recv_tokens, out.cpu(), \
+                wh.recv_src_rank.cpu(), wh.recv_src_token.cpu()
+        res = lb.run(step)
+    for d in range(R):
+        ref = reference_dispatch(xs, idxs, None, E, L, d)
+        assert bit_equal(res[d][0], ref["recv_x"])
+        assert bit_equal(res[d][1], ref["recv_x"])
+        bref = reference_dispatch(bx, idxs, ws, E, L, d)
+        n = res[d][5]
+        assert res[d][2].shape[0] == W and n == bref["recv_x"].shape[0]
+        assert bit_equal(res[d][2][:n], bref["recv_x"]) and not res[d][2][n:].any()
+        assert torch.equal(res[d][3][:n], bref["recv_topk_idx"]) and (res[d][3][n:] == -1).all()
+        assert torch.equal(res[d][4][:n], bref["recv_topk_weights"]) and not res[d][4][n:].any()
+    for s in range(R):
+        n_of = [res[d][5] for d in range(R)]
+        want, _ = reference_combine([res[d][2][:n_of[d]] for d in range(R)], None,
+                                    [res[d][7][:n_of[d]].long() for d in range(R)],
+                                    [res[d][8][:n_of[d]].long() for d in range(R)], L, s, bx[s].shape[0],
+                                    round_rail_partials=True)
+        assert torch.equal(res[s][6], want), s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silent_rail_peer_is_named(device):
+    """A rail peer that never sends: its peer's forwarder times out and the call fails naming it."""
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=9, tokens=[12, 12, 12, 12])
+    with cluster(device, N, L, timeout_s=1.5) as lb:
+        lb.comm.rail_fabric.silent_ranks.add(2)  # rank 2 (node 1, local 0) drops its rail sends
+
+        def step(r, buf):
+            try:
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
+                             config=Config(num_sms=2))
+            except PeerTimeoutError as error:
+                return error
+            return None
+        res = lb.run(step)
+    assert isinstance(res[0], PeerTimeoutError), res[0]  # rank 0's rail peer on node 1 is rank 2
+    assert res[0].rank == 2 and "rank 2" in str(res[0]) and "rail" in str(res[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_argument_raises_everywhere(device):
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=2, tokens=[5, 5, 5, 5])
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            idx = idxs[r].clone()
+            if r == 3:
+                idx[0, 0] = E  # out of range on rank 3 only
+            try:
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idx, device), num_experts=E,
+                             config=Config(num_sms=2))
+            except ValueError as error:
+                return str(error)
+            return None
+        res = lb.run(step)
+        assert "topk_idx" in res[3]
+        assert all(res[r] is not None and "rank 3" in res[r] for r in range(3))
+        # the buffer stays usable
+        out = lb.run(lambda r, buf: buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device),
+                                                 num_experts=E, config=Config(num_sms=2))[0].cpu())
+    for d in range(R):
+        assert bit_equal(out[d], reference_dispatch(xs, idxs, None, E, L, d)["recv_x"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_finish_and_handle_entries(device):
+    """async_finish returns a real event (a later call ordered after it by previous_event); the
+    handle's DeepEP entries for several nodes describe this dispatch."""
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.float32, seed=13, tokens=[9, 14, 0, 11])
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            x, idx = to_device(xs[r], device), to_device(idxs[r], device)
+            recv, _, _, _, handle, event = buf.dispatch(x, topk_idx=idx, num_experts=E, config=Config(num_sms=2),
+                                                        async_finish=True)
+            assert event.event is not None
+            out, _, _ = buf.combine(recv, handle, config=Config(num_sms=2), previous_event=event)
+            sync(device)
+            return recv.cpu(), out.cpu(), handle[0].cpu(), handle[4].cpu(), handle[6].cpu()
+        res = lb.run(step)
+    for d in range(R):
+        ref = reference_dispatch(xs, idxs, None, E, L, d)
+        assert bit_equal(res[d][0], ref["recv_x"])
+        node, local = divmod(d, L)
+        in_rank = [torch.zeros(xs[s].shape[0], R, dtype=torch.bool) for s in range(R)]
+        for s in range(R):
+            for t in range(xs[s].shape[0]):
+                for e in idxs[s][t].tolist():
+                    if e >= 0:
+                        in_rank[s][t, e // (E // R)] = True
+        assert torch.equal(res[d][2], in_rank[d])
+        from_peers = [int(in_rank[m * L + local][:, node * L:(node + 1) * L].any(dim=1).sum()) for m in range(N)]
+        assert res[d][3].tolist() == torch.tensor(from_peers).cumsum(0).tolist()
+        assert res[d][4].tolist() == torch.tensor([int(in_rank[s][:, d].sum()) for s in range(R)]).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_that_never_joins_is_named(device):
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=6, tokens=[4, 4, 4, 4])
+    with cluster(device, N, L, timeout_s=1.0) as lb:
+        def step(r, buf):
+            if r == 3:
+                return None  # never calls dispatch
+            with pytest.raises(PeerTimeoutError) as info:
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
+                             config=Config(num_sms=2))
+            return info.value
+        res = lb.run(step)
+    assert all(res[r].rank == 3 and "rank 3" in str(res[r]) for r in range(3))
