@@ -10,7 +10,7 @@
 #include "bad_variants.h"
 #include "kernels.h"
 #include "rail_api.h"
-#include "rail_copy.h"
+#include "element.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a
   if (call_is_void(own)) return;
   const Waiter w{own, a.wait, 0};
   const int k = a.num_topk;
-  const int64_t x_bytes = a.hidden * rail::elem_bytes(a.dtype);
+  const int64_t x_bytes = a.hidden * dtype_bytes(a.dtype);
   const ReturnRowLayout rl{x_bytes, k};
   const int64_t row_bytes = rl.bytes();
   const int64_t slots = a.ring_slots;
@@ -52,8 +52,8 @@ __global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a
       if (lane == 0 && i + 1 > slots) good = w.until(head, i + 1 - slots, n * L + j, m, kWaitCombineSpace);
       if (!__shfl_sync(0xffffffffu, good, 0)) return;
       uint8_t* dst = ring + (i % slots) * row_bytes;
-      rail::warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
-      if (lane < k) rail::store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
+      warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
+      if (lane < k) store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
       __syncwarp();
       if (lane == 0) {
         __threadfence_system();
@@ -90,19 +90,19 @@ __global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a
       AccT acc = 0;
       for (int q = 0; q < c; ++q) {
         const int j = contrib[q];
-        acc += rail::load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes, a.dtype, col);
+        acc += load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes, a.dtype, col);
       }
-      if (pdtype >= 0) rail::store_as<AccT>(partial, pdtype, col, acc);
+      if (pdtype >= 0) store_as<AccT>(partial, pdtype, col, acc);
       else reinterpret_cast<AccT*>(partial)[col] = acc;
     }
     for (int col = threadIdx.x; col < k; col += blockDim.x) {
       float acc = 0.0f;
       for (int q = 0; q < c; ++q) {
         const int j = contrib[q];
-        acc += rail::load_f32(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes +
+        acc += load_f32_cg(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes +
                               rl.weights_offset() + 4 * col);
       }
-      rail::store_f32(partial + pl.weights_offset() + 4 * col, acc);
+      store_f32(partial + pl.weights_offset() + 4 * col, acc);
     }
     __syncthreads();  // every thread has read the slots before they are handed back
     if (threadIdx.x == 0) {
@@ -148,12 +148,12 @@ __global__ void __launch_bounds__(kThreads) rail_final_kernel(RailCombineArgs a)
         if (pos[m] < 0) continue;
         const PartialRowLayout& pl = m == n ? own_layout : remote_layout;
         const uint8_t* row = reinterpret_cast<const uint8_t*>(regions[m]) + pos[m] * pl.bytes();
-        if (pl.row_dtype >= 0) acc += rail::load_as<AccT>(row, pl.row_dtype, col);
+        if (pl.row_dtype >= 0) acc += load_as<AccT>(row, pl.row_dtype, col);
         else acc += __ldcg(reinterpret_cast<const AccT*>(row) + col);
       }
-      if (a.bias0) acc += rail::load_as<AccT>(reinterpret_cast<const void*>(a.bias0), a.bias0_dtype, t * a.hidden + col);
-      if (a.bias1) acc += rail::load_as<AccT>(reinterpret_cast<const void*>(a.bias1), a.bias1_dtype, t * a.hidden + col);
-      rail::store_as<AccT>(reinterpret_cast<void*>(a.out), a.dtype, t * a.hidden + col, acc);
+      if (a.bias0) acc += load_as<AccT>(reinterpret_cast<const void*>(a.bias0), a.bias0_dtype, t * a.hidden + col);
+      if (a.bias1) acc += load_as<AccT>(reinterpret_cast<const void*>(a.bias1), a.bias1_dtype, t * a.hidden + col);
+      store_as<AccT>(reinterpret_cast<void*>(a.out), a.dtype, t * a.hidden + col, acc);
     }
     if (a.out_weights) {
       for (int col = threadIdx.x; col < k; col += blockDim.x) {
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) rail_final_kernel(RailCombineArgs a)
           const int m = q == 0 ? n : (q <= n ? q - 1 : q);
           if (pos[m] < 0) continue;
           const PartialRowLayout& pl = m == n ? own_layout : remote_layout;
-          acc += rail::load_f32(reinterpret_cast<const uint8_t*>(regions[m]) + pos[m] * pl.bytes() + pl.weights_offset() + 4 * col);
+          acc += load_f32_cg(reinterpret_cast<const uint8_t*>(regions[m]) + pos[m] * pl.bytes() + pl.weights_offset() + 4 * col);
         }
         reinterpret_cast<float*>(a.out_weights)[t * k + col] = acc;
       }

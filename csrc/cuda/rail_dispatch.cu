@@ -8,7 +8,7 @@
 #include "bad_variants.h"
 #include "kernels.h"
 #include "rail_api.h"
-#include "rail_copy.h"
+#include "element.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -45,8 +45,8 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
       reinterpret_cast<int64_t*>(rec + rl.topk_idx_offset())[lane] = topk_idx[tok * k + lane];
       reinterpret_cast<float*>(rec + rl.topk_weights_offset())[lane] = topk_weights ? topk_weights[tok * k + lane] : 1.0f;
     }
-    rail::warp_copy(rec + rl.x_offset(), x + tok * a.hidden_bytes, a.hidden_bytes, lane);
-    if (a.scale_bytes) rail::warp_copy(rec + rl.scales_offset(), scales + tok * a.scale_bytes, a.scale_bytes, lane);
+    warp_copy(rec + rl.x_offset(), x + tok * a.hidden_bytes, a.hidden_bytes, lane);
+    if (a.scale_bytes) warp_copy(rec + rl.scales_offset(), scales + tok * a.scale_bytes, a.scale_bytes, lane);
   }
 }
 
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs
       if (row < 0) continue;
       if (lane == 0 && sent + 1 > static_cast<uint64_t>(slots)) ok = w.until(head, sent + 1 - slots, n * L + j, m, kWaitDispatchSpace);
       if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-      rail::warp_copy(ring + static_cast<int64_t>(sent % slots) * rb, rec, rb, lane);
+      warp_copy(ring + static_cast<int64_t>(sent % slots) * rb, rec, rb, lane);
       __syncwarp();
       ++sent;
       if (lane == 0) {
@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs
       if (lane == 0) w.report(n * L + p, m, kWaitOverflow);
       return;
     }
-    rail::warp_copy(recv_x + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
-    if (a.scale_bytes) rail::warp_copy(recv_scales + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
+    warp_copy(recv_x + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
+    if (a.scale_bytes) warp_copy(recv_scales + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
     if (lane < k && recv_idx) {
       const int64_t e = __ldcg(reinterpret_cast<const int64_t*>(rec + rl.topk_idx_offset()) + lane);
       const bool mine = e >= a.expert_begin && e < a.expert_begin + a.experts_per_rank;
