@@ -7,6 +7,7 @@
 #include "element.h"
 #include "kernels.h"
 #include "plan_view.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -14,6 +15,7 @@ namespace {
 
 template <typename AccT>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);
   DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
   DISPATCH_SHARED(int, num_contrib);

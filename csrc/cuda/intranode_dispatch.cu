@@ -5,12 +5,14 @@
 #include "element.h"
 #include "kernels.h"
 #include "plan_view.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
 namespace {
 
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   const int L = a.num_ranks, C = a.num_channels, me = a.rank;
   const int c = blockIdx.x / 2;
   const bool sender = (blockIdx.x % 2) == 0;
