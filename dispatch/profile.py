@@ -19,10 +19,14 @@ Backend contract (the executors call these):
   ``worker`` is the worker-thread index and times are :func:`time.perf_counter_ns`.
 * :func:`record_device_buffer` - the GPU path: a device buffer of ``(sm_id, start_ns, end_ns)``
   rows, one per block, written by the kernel from ``%smid`` and ``%globaltimer`` when profiling is
-  on, is copied to the host and turned into records (``worker`` = block index).
+  on (``csrc/cuda/profile_record.h``; on the SIMT runtime virtual SM ids and the host's steady
+  clock), is copied to the host and turned into records (``worker`` = block index). The CUDA
+  backend passes the rank, as the virtual ranks of a loopback share one process.
 
 Kernel names are dotted, ``"<op>.<stage>"`` (``"dispatch.pack_rail"``, ``"dispatch.node_copy"``,
-``"combine.reduce"``, ``"combine.node_copy"``, ``"combine.accumulate"``, ...).
+``"combine.reduce"``, ``"combine.node_copy"``, ``"combine.accumulate"``, ...); the CUDA backend's
+are ``"dispatch.layout"``, ``"notify"`` (every call's handshake), ``"dispatch.node_copy"`` and
+``"combine.node_copy"``.
 """
 
 from __future__ import annotations

@@ -368,7 +368,7 @@ class CudaBackend:
             ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
         # bytes: the count words written into every peer's header
         notify_bytes = 0 if barrier_only else 4 * self.topo.num_ranks_per_node * (2 + num_channels + experts_per_rank)
-        self._launch("notify", self.mod.launch_notify, a, 1, notify_bytes)
+        self._launch_profiled("notify", self.mod.launch_notify, a, 1, notify_bytes)
 
     def _check_status(self, op: str, error: Optional[BaseException], my_facts: Optional[int], facts_round: bool,
                       agreed: Optional[int]) -> None:
@@ -431,7 +431,9 @@ class CudaBackend:
         per_rank, per_node, per_expert, in_rank = outs
         a.per_rank, a.per_node, a.per_expert, a.in_rank = (per_rank.data_ptr(), per_node.data_ptr(),
                                                            per_expert.data_ptr(), in_rank.data_ptr())
-        self._launch("dispatch.layout", self.mod.launch_layout, a, a.num_blocks, a.num_tokens * (a.num_topk * 8 + R))
+        # bytes: the topk ids read and is_token_in_rank written
+        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks,
+                              a.num_tokens * (a.num_topk * 8 + R))
         event = self._end(compute, options, (topk_idx,), outs)
         return LayoutResult(per_rank, per_node if N > 1 else None, per_expert, in_rank, event)
 
@@ -561,8 +563,8 @@ class CudaBackend:
         a.recv_src_rank, a.recv_src_token = src_rank.data_ptr(), src_token.data_ptr()
         a.expert_begin, a.experts_per_rank = expert_begin, experts_per_rank
         record_bytes = _C.RecordLayout(1, k, hidden_bytes, scale_bytes).bytes
-        self._launch("dispatch.node_copy", self.mod.launch_dispatch, a, 2 * C,
-                     lambda: int(in_rank.sum()) * record_bytes)
+        self._launch_profiled("dispatch.node_copy", self.mod.launch_dispatch, a, 2 * C,
+                              lambda: int(in_rank.sum()) * record_bytes)
 
     # --- combine ---------------------------------------------------------------------------------
     def combine(self, args: CombineArgs) -> CombineResult:
@@ -595,15 +597,15 @@ class CudaBackend:
         a.bias0, a.bias1 = _ptr(b0), _ptr(b1)
         a.bias0_dtype = self.dtype_codes[b0.dtype] if b0 is not None else 0
         a.bias1_dtype = self.dtype_codes[b1.dtype] if b1 is not None else 0
-        self._launch("combine.node_copy", self.mod.launch_combine, a, 2 * C,
-                     lambda: self._rows_received(handle) * row_bytes)
+        self._launch_profiled("combine.node_copy", self.mod.launch_combine, a, 2 * C,
+                              lambda: self._rows_received(handle) * row_bytes)
         self._stats_thunk = ("combine", handle, row_bytes)
         event = self._end(compute, options, (x, topk_weights, b0, b1), (out, out_w))
         return CombineResult(out, out_w, event)
 
     # --- SM-usage profiling (dispatch.profile; rows written by csrc/cuda/profile_record.h) -------
-    def _launch(self, kernel: str, launch: Callable[[Any, int], None], a: Any, max_blocks: int,
-                bytes_moved: Union[int, Callable[[], int]]) -> None:
+    def _launch_profiled(self, kernel: str, launch: Callable[[Any, int], None], a: Any, max_blocks: int,
+                         bytes_moved: Union[int, Callable[[], int]]) -> None:
         """Launches ``kernel`` on the communication stream; with profiling on (outside graph
         capture) it gets a zeroed ``[max_blocks, 3]`` int64 buffer (sm id, start ns, end ns per
         block; rows of blocks that did not run stay 0), else ``a.profile`` is 0.
