@@ -19,10 +19,14 @@ Backend contract (the executors call these):
   ``worker`` is the worker-thread index and times are :func:`time.perf_counter_ns`.
 * :func:`record_device_buffer` - the GPU path: a device buffer of ``(sm_id, start_ns, end_ns)``
   rows, one per block, written by the kernel from ``%smid`` and ``%globaltimer`` when profiling is
-  on, is copied to the host and turned into records (``worker`` = block index).
+  on (``csrc/cuda/profile_record.h``; on the SIMT runtime virtual SM ids and the host's steady
+  clock), is copied to the host and turned into records (``worker`` = block index). The CUDA
+  backend passes the rank, as the virtual ranks of a loopback share one process.
 
 Kernel names are dotted, ``"<op>.<stage>"`` (``"dispatch.pack_rail"``, ``"dispatch.node_copy"``,
-``"combine.reduce"``, ``"combine.node_copy"``, ``"combine.accumulate"``, ...).
+``"combine.reduce"``, ``"combine.node_copy"``, ``"combine.accumulate"``, ...); the CUDA backend's
+are ``"dispatch.layout"``, ``"notify"`` (every call's handshake), ``"dispatch.node_copy"`` and
+``"combine.node_copy"``.
 """
 
 from __future__ import annotations
@@ -83,27 +87,33 @@ def _current_rank() -> int:
 
 
 def record(kernel: str, worker: int, start_ns: int, end_ns: int, bytes_moved: int,
-           sm_id: int = -1) -> None:
-    """Add one record to every active profiler; a no-op when profiling is off."""
+           sm_id: int = -1, rank: Optional[int] = None) -> None:
+    """Add one record to every active profiler; a no-op when profiling is off.
+
+    ``rank``: the recording rank where the caller knows it (the virtual ranks of a loopback share
+    one process); None: the rank of the process (``torch.distributed``), or -1."""
     if not _ENABLED:
         return
     active = _ACTIVE
     if not active:
         return
     rec = Record(str(kernel), int(worker), int(start_ns), int(end_ns), int(bytes_moved), int(sm_id),
-                 active[-1]._rank)
+                 active[-1]._rank if rank is None else int(rank))
     for p in active:
         p._records.append(rec)   # list.append is atomic under the GIL
 
 
 def record_device_buffer(kernel: str, buffer: Any, bytes_moved: int = 0,
-                         bytes_per_block: Optional[Sequence[int]] = None) -> None:
+                         bytes_per_block: Optional[Sequence[int]] = None, rank: Optional[int] = None) -> None:
     """Turn a device buffer of per-block ``(sm_id, start_ns, end_ns)`` rows into records.
 
     ``buffer``: an integer tensor (any device) or nested sequence of shape ``[num_blocks, 3]``;
     rows whose ``end_ns`` is 0 (blocks that did not run) are skipped. Times come from the GPU's
-    ``%globaltimer`` (nanoseconds). ``bytes_moved`` (the kernel's total) is split evenly over the
-    blocks unless ``bytes_per_block`` gives each block's share.
+    ``%globaltimer`` (nanoseconds; the SIMT runtime's steady clock). ``bytes_moved`` (the kernel's
+    total) is split evenly over the blocks unless ``bytes_per_block`` gives each block's share.
+    ``rank``: as for :func:`record`. The CUDA backend writes these buffers from
+    ``csrc/cuda/profile_record.h`` (kernel names ``"dispatch.layout"``, ``"notify"``,
+    ``"dispatch.node_copy"``, ``"combine.node_copy"``).
     """
     if not _ENABLED:
         return
@@ -120,7 +130,7 @@ def record_device_buffer(kernel: str, buffer: Any, bytes_moved: int = 0,
             b = int(bytes_per_block[i])
         else:
             b = bytes_moved // n + (1 if k < bytes_moved % n else 0)
-        record(kernel, i, int(r[1]), int(r[2]), b, sm_id=int(r[0]))
+        record(kernel, i, int(r[1]), int(r[2]), b, sm_id=int(r[0]), rank=rank)
 
 
 def enable() -> None:
@@ -177,16 +187,19 @@ def summarize(records: Iterable[Record]) -> Dict[str, KernelSummary]:
 def format_table(summary: Dict[str, KernelSummary]) -> str:
     if not summary:
         return "(no kernel records)"
-    head = (f"{'kernel':<24} {'blocks':>7} {'units':>12} {'busy us':>11} {'span us':>10} "
-            f"{'MB':>9} {'unit-us/GB':>12}")
+    # The units column counts the SMs (GPU, SIMT: virtual SMs) or worker threads occupied.
+    kinds = {s.on_sm for s in summary.values()}
+    per_gb_head = "SM-us/GB" if kinds == {True} else "thread-us/GB" if kinds == {False} else "unit-us/GB"
+    head = (f"{'kernel':<24} {'blocks':>7} {'occupied':>12} {'busy us':>11} {'span us':>10} "
+            f"{'MB':>9} {per_gb_head:>12}")
     lines = [head, "-" * len(head)]
     for s in summary.values():
         per_gb = f"{s.unit_us_per_gb:12.1f}" if s.unit_us_per_gb != float("inf") else f"{'-':>12}"
         units = f"{s.units} {'SMs' if s.on_sm else 'threads'}"
         lines.append(f"{s.kernel:<24} {s.records:>7} {units:>12} {s.busy_us:>11.1f} {s.span_us:>10.1f} "
                      f"{s.bytes_moved / 1e6:>9.3f} {per_gb}")
-    lines.append("(units: SMs on the GPU, worker threads on the CPU backend; unit-us/GB = busy "
-                 "SM- or thread-microseconds per 1e9 bytes moved)")
+    lines.append("(occupied: distinct SMs (per rank) on the CUDA backend, virtual SMs on SIMT, worker threads on "
+                 "the CPU backend; per GB: busy SM- or thread-microseconds per 1e9 bytes moved)")
     return "\n".join(lines)
 
 

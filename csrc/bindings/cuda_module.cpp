@@ -105,14 +105,14 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
       .def(py::init<>()) RW(LayoutArgs, topk_idx) RW(LayoutArgs, num_tokens) RW(LayoutArgs, num_topk)
           RW(LayoutArgs, num_ranks) RW(LayoutArgs, num_ranks_per_node) RW(LayoutArgs, num_experts)
               RW(LayoutArgs, num_blocks) RW(LayoutArgs, per_rank) RW(LayoutArgs, per_node)
-                  RW(LayoutArgs, per_expert) RW(LayoutArgs, in_rank);
+                  RW(LayoutArgs, per_expert) RW(LayoutArgs, in_rank) RW(LayoutArgs, profile);
   py::class_<NotifyArgs>(m, "NotifyArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<NotifyArgs>) RW(NotifyArgs, rank) RW(NotifyArgs, num_ranks)
           RW(NotifyArgs, num_channels) RW(NotifyArgs, barrier_only) RW(NotifyArgs, num_tokens)
               RW(NotifyArgs, chan_counts) RW(NotifyArgs, per_expert) RW(NotifyArgs, experts_per_rank)
                   RW(NotifyArgs, expert_alignment) RW(NotifyArgs, plan) RW(NotifyArgs, host_out) RW(NotifyArgs, verdict)
-                      RW(NotifyArgs, status_out) RW(NotifyArgs, wait);
+                      RW(NotifyArgs, status_out) RW(NotifyArgs, wait) RW(NotifyArgs, profile);
   py::class_<DispatchArgs>(m, "DispatchArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<DispatchArgs>) RW(DispatchArgs, rank) RW(DispatchArgs, num_ranks)
@@ -123,7 +123,7 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
                           RW(DispatchArgs, recv_x) RW(DispatchArgs, recv_scales) RW(DispatchArgs, recv_topk_idx)
                               RW(DispatchArgs, recv_topk_weights) RW(DispatchArgs, recv_src_rank)
                                   RW(DispatchArgs, recv_src_token) RW(DispatchArgs, expert_begin)
-                                      RW(DispatchArgs, experts_per_rank) RW(DispatchArgs, wait);
+                                      RW(DispatchArgs, experts_per_rank) RW(DispatchArgs, wait) RW(DispatchArgs, profile);
   py::class_<CombineArgs>(m, "CombineArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", &set_peer<CombineArgs>) RW(CombineArgs, rank) RW(CombineArgs, num_ranks)
@@ -131,7 +131,7 @@ PYBIND11_MODULE(DISPATCH_MODULE_NAME, m) {
               RW(CombineArgs, hidden) RW(CombineArgs, ring_slots) RW(CombineArgs, x) RW(CombineArgs, topk_weights)
                   RW(CombineArgs, recv_src_token) RW(CombineArgs, in_rank) RW(CombineArgs, plan) RW(CombineArgs, out)
                       RW(CombineArgs, out_weights) RW(CombineArgs, bias0) RW(CombineArgs, bias1)
-                          RW(CombineArgs, bias0_dtype) RW(CombineArgs, bias1_dtype) RW(CombineArgs, wait);
+                          RW(CombineArgs, bias0_dtype) RW(CombineArgs, bias1_dtype) RW(CombineArgs, wait) RW(CombineArgs, profile);
 
   m.def("launch_layout", &launch_layout, nogil);
   m.def("launch_channel_counts", &launch_channel_counts, nogil);

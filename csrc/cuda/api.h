@@ -114,6 +114,7 @@ struct LayoutArgs {
   int64_t num_tokens = 0;
   int num_topk = 0, num_ranks = 0, num_ranks_per_node = 0, num_experts = 0, num_blocks = 1;
   uint64_t per_rank = 0, per_node = 0, per_expert = 0, in_rank = 0;  // outputs (counts zeroed by caller)
+  uint64_t profile = 0;  // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
 };
 
 struct NotifyArgs {
@@ -129,6 +130,7 @@ struct NotifyArgs {
   int verdict = 0;           // 0: my arguments are fine; else a code the host defines (the call is void)
   uint64_t status_out = 0;   // device address of mapped int32[2 + kMaxPeers]: done, first bad rank, verdicts
   WaitArgs wait{};
+  uint64_t profile = 0;  // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
 };
 
 struct DispatchArgs {
@@ -141,6 +143,7 @@ struct DispatchArgs {
   uint64_t recv_src_rank = 0, recv_src_token = 0;
   int64_t expert_begin = 0, experts_per_rank = 1;
   WaitArgs wait{};
+  uint64_t profile = 0;  // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
 };
 
 struct CombineArgs {
@@ -152,6 +155,7 @@ struct CombineArgs {
   uint64_t out = 0, out_weights = 0, bias0 = 0, bias1 = 0;
   int bias0_dtype = 0, bias1_dtype = 0;
   WaitArgs wait{};
+  uint64_t profile = 0;  // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
 };
 
 void launch_layout(const LayoutArgs& args, uintptr_t stream);

@@ -24,6 +24,7 @@
 #include "element.h"
 #include "kernels.h"
 #include "plan_view.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -251,6 +252,7 @@ DISPATCH_DEVICE void reduce_channel(const CombineArgs& a, const Waiter& w, int c
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(CombineArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   const uint64_t own = a.peers.ptr[a.rank];
   if (call_is_void(own)) return;
   const Waiter w{own, a.wait, 0};

@@ -23,6 +23,7 @@
 #include "element.h"
 #include "kernels.h"
 #include "plan_view.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -233,6 +234,7 @@ DISPATCH_DEVICE void receive_channel(const DispatchArgs& a, const Waiter& w, int
 }
 
 __global__ void __launch_bounds__(kThreads) dispatch_kernel(DispatchArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   const uint64_t own = a.peers.ptr[a.rank];
   if (call_is_void(own)) return;
   const Waiter w{own, a.wait, 0};

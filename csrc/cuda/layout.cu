@@ -6,6 +6,7 @@
 #include "kernels.h"
 #include "plan_view.h"
 #include "port.h"
+#include "profile_record.h"
 
 namespace dispatch::cuda {
 namespace {
@@ -13,6 +14,7 @@ namespace {
 // Same rules as compute_layout: route_token per token, an expert repeated in a row counts once.
 // Block-local counters in shared memory, then one atomicAdd per counter.
 __global__ void layout_kernel(LayoutArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   DISPATCH_DYNAMIC_SHARED(int32_t, counters);  // [R] ranks, [N] nodes, [E] experts
   const Topology topo{a.num_ranks, a.num_ranks_per_node, a.num_experts};
   const int R = a.num_ranks, N = topo.num_nodes(), E = a.num_experts, L = a.num_ranks_per_node;

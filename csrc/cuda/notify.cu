@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "plan_view.h"
 #include "port.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -40,6 +41,7 @@ __device__ void publish_status(const NotifyArgs& a, int first_bad) {
 }
 
 __global__ void __launch_bounds__(kThreads) notify_kernel(NotifyArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   DISPATCH_SHARED(uint64_t, seq);
   const int L = a.num_ranks, C = a.num_channels, me = a.rank;
   const uint64_t own = a.peers.ptr[me];

@@ -71,6 +71,12 @@ DISPATCH_DEVICE uint64_t global_timer() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// The SM this block runs on (for the profiler, csrc/cuda/profile_record.h).
+DISPATCH_DEVICE uint32_t sm_id() {
+  uint32_t id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
 // A spin-wait iteration that saw nothing new: nothing to do on a GPU (other warps keep running).
 DISPATCH_DEVICE void spin_pause() {}
 
@@ -100,6 +106,8 @@ DISPATCH_DEVICE void st_relaxed(uint64_t* p, uint64_t v) {
 DISPATCH_DEVICE void st_relaxed(int32_t* p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 DISPATCH_DEVICE void st_release(int32_t* p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 DISPATCH_DEVICE uint64_t global_timer() { return ::simt::global_timer_ns(); }
+// The block's virtual SM: the resident slot it holds (docs/simt.md).
+DISPATCH_DEVICE uint32_t sm_id() { return static_cast<uint32_t>(::simt::sm_id()); }
 // The CPU has few cores: a spinning lane hands its turn to the other lanes and blocks.
 DISPATCH_DEVICE void spin_pause() { ::simt::spin_yield(); }
 

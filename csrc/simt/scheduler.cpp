@@ -106,6 +106,7 @@ struct Block {
   std::vector<SharedVariable> shared;
   std::unique_ptr<std::max_align_t[]> dynamic_shared;
   std::string failure;
+  int sm_id = 0;  // the resident slot (ResidentSlots)
 };
 
 thread_local Block* tl_block = nullptr;
@@ -248,17 +249,26 @@ void run_block(Block& b) {
   tl_block = nullptr;
 }
 
-// Caps the blocks resident at once (Options::max_resident_blocks), as a GPU's SMs do.
+// Caps the blocks resident at once (Options::max_resident_blocks), as a GPU's SMs do. A resident
+// block holds a numbered slot, the lowest free one: its virtual SM id (sm_id()).
 class ResidentSlots {
  public:
-  void acquire(int limit) {
+  int acquire(int limit) {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait(lock, [&] { return limit <= 0 || in_use_ < limit; });
     ++in_use_;
+    const auto free_slot = std::find(used_.begin(), used_.end(), false);
+    if (free_slot != used_.end()) {
+      *free_slot = true;
+      return static_cast<int>(free_slot - used_.begin());
+    }
+    used_.push_back(true);
+    return static_cast<int>(used_.size()) - 1;
   }
-  void release() {
+  void release(int slot) {
     std::lock_guard<std::mutex> lock(mutex_);
     --in_use_;
+    used_[static_cast<size_t>(slot)] = false;
     cv_.notify_all();
   }
 
@@ -266,6 +276,7 @@ class ResidentSlots {
   std::mutex mutex_;
   std::condition_variable cv_;
   int in_use_ = 0;
+  std::vector<bool> used_;
 };
 
 ResidentSlots g_resident;
@@ -397,6 +408,8 @@ void* block_shared(const void* key, size_t bytes) {
 
 void* dynamic_shared() { return block().dynamic_shared.get(); }
 
+int sm_id() { return block().sm_id; }
+
 uint64_t global_timer_ns() {
   return static_cast<uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
@@ -413,18 +426,19 @@ std::string run_grid(GridLaunch& grid) {
   threads.reserve(num_blocks);
   for (unsigned i = 0; i < num_blocks; ++i) {
     threads.emplace_back([&grid, &failures, i, limit] {
-      g_resident.acquire(limit);
+      const int slot = g_resident.acquire(limit);
       try {
         StackArena stacks(grid.block.count(), kStackBytes);
         Block b;
         init_block(b, grid, i, stacks);
+        b.sm_id = slot;
         run_block(b);
         failures[i] = b.failure;
       } catch (const std::exception& exc) {
         failures[i] = std::string("simt: block failed to start: ") + exc.what();
       }
       if (!failures[i].empty()) grid.stop.store(true, std::memory_order_relaxed);
-      g_resident.release();
+      g_resident.release(slot);
     });
   }
   for (std::thread& t : threads) t.join();

@@ -60,6 +60,9 @@ void random_yield_slow();                               // see maybe_yield
 void* block_shared(const void* key, size_t bytes);      // a __shared__ variable of this block
 void* dynamic_shared();                                 // the block's extern __shared__ bytes
 uint64_t global_timer_ns();
+// The running block's virtual SM id: the lowest resident slot that was free when the block became
+// resident (blocks resident at the same time hold different ids, as on a GPU with one block per SM).
+int sm_id();
 
 extern int g_random_yields;  // set by configure() before any launch
 inline void maybe_yield() {
@@ -127,6 +130,14 @@ inline int atomicAdd(int* address, int value) {
 inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long value) {
   ::simt::maybe_yield();
   return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+}
+inline unsigned long long atomicMax(unsigned long long* address, unsigned long long value) {
+  ::simt::maybe_yield();
+  unsigned long long old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (old < value &&
+         !__atomic_compare_exchange_n(address, &old, value, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
 }
 inline unsigned long long atomicCAS(unsigned long long* address, unsigned long long expected,
                                     unsigned long long desired) {

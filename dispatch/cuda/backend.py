@@ -28,11 +28,12 @@ import ctypes
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from .. import _C
+from .. import profile as _profile
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
                        HandleOrigin, LayoutResult, dtype_codes, verdict_code, verdict_error)
 from ..compat import DeepEPHandleView
@@ -218,6 +219,8 @@ class CudaBackend:
         self._status_words = (ctypes.c_int32 * (STATUS_VERDICTS + mod.MAX_PEERS)).from_address(
             self.status.host_address)
         self._agreed_facts: Dict[str, int] = {}  # per op: the facts word every rank last agreed on
+        # profiled launches whose rows are not read yet: (kernel, rows, bytes, event)
+        self._profile_pending: List[Tuple[str, torch.Tensor, Union[int, Callable[[], int]], Any]] = []
 
     # --- configuration ---------------------------------------------------------------------------
     def check_config(self, config: Config) -> None:
@@ -247,6 +250,7 @@ class CudaBackend:
     def _begin(self, options: CallOptions) -> Any:
         """Orders the communication stream after ``previous_event`` (or the compute stream);
         returns the compute stream."""
+        self._profile_collect(wait=False)
         compute = self.device.compute_stream()
         previous = options.previous_event.event if options.previous_event is not None else None
         self.device.order_after(self.stream, compute, previous)
@@ -266,6 +270,7 @@ class CudaBackend:
                 event.synchronize()
                 self.check_error()
             self.device.compute_wait(compute, event)
+        self._profile_collect(wait=not options.async_finish)
         return EventOverlap(event, extra_tensors=tuple(t for t in inputs if isinstance(t, torch.Tensor)),
                             device=self.device)
 
@@ -370,7 +375,9 @@ class CudaBackend:
         a.status_out = self.status.device_address
         if not self.device.capturing():  # the host reads status_out only outside capture
             ctypes.memset(self.status.host_address, 0, ctypes.sizeof(self._status_words))
-        self.mod.launch_notify(a, self.device.handle(self.stream))
+        # bytes: the count words written into every peer's header
+        notify_bytes = 0 if barrier_only else 4 * self.topo.num_ranks_per_node * (2 + num_channels + experts_per_rank)
+        self._launch_profiled("notify", self.mod.launch_notify, a, 1, notify_bytes)
 
     def _check_status(self, op: str, error: Optional[BaseException], my_facts: Optional[int], facts_round: bool,
                       agreed: Optional[int]) -> None:
@@ -433,7 +440,9 @@ class CudaBackend:
         per_rank, per_node, per_expert, in_rank = outs
         a.per_rank, a.per_node, a.per_expert, a.in_rank = (per_rank.data_ptr(), per_node.data_ptr(),
                                                            per_expert.data_ptr(), in_rank.data_ptr())
-        self.mod.launch_layout(a, self.device.handle(self.stream))
+        # bytes: the topk ids read and is_token_in_rank written
+        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks,
+                              a.num_tokens * (a.num_topk * 8 + R))
         event = self._end(compute, options, (topk_idx,), outs)
         return LayoutResult(per_rank, per_node if N > 1 else None, per_expert, in_rank, event)
 
@@ -562,7 +571,9 @@ class CudaBackend:
         a.recv_topk_weights = _ptr(recv_w)
         a.recv_src_rank, a.recv_src_token = src_rank.data_ptr(), src_token.data_ptr()
         a.expert_begin, a.experts_per_rank = expert_begin, experts_per_rank
-        self.mod.launch_dispatch(a, self.device.handle(self.stream))
+        record_bytes = _C.RecordLayout(1, k, hidden_bytes, scale_bytes).bytes
+        self._launch_profiled("dispatch.node_copy", self.mod.launch_dispatch, a, 2 * C,
+                              lambda: int(in_rank.sum()) * record_bytes)
 
     # --- combine ---------------------------------------------------------------------------------
     def combine(self, args: CombineArgs) -> CombineResult:
@@ -595,10 +606,49 @@ class CudaBackend:
         a.bias0, a.bias1 = _ptr(b0), _ptr(b1)
         a.bias0_dtype = self.dtype_codes[b0.dtype] if b0 is not None else 0
         a.bias1_dtype = self.dtype_codes[b1.dtype] if b1 is not None else 0
-        self.mod.launch_combine(a, self.device.handle(self.stream))
+        self._launch_profiled("combine.node_copy", self.mod.launch_combine, a, 2 * C,
+                              lambda: self._rows_received(handle) * row_bytes)
         self._stats_thunk = ("combine", handle, row_bytes)
         event = self._end(compute, options, (x, topk_weights, b0, b1), (out, out_w))
         return CombineResult(out, out_w, event)
+
+    # --- SM-usage profiling (dispatch.profile; rows written by csrc/cuda/profile_record.h) -------
+    def _launch_profiled(self, kernel: str, launch: Callable[[Any, int], None], a: Any, max_blocks: int,
+                         bytes_moved: Union[int, Callable[[], int]]) -> None:
+        """Launches ``kernel`` on the communication stream; with profiling on (outside graph
+        capture) it gets a zeroed ``[max_blocks, 3]`` int64 buffer (sm id, start ns, end ns per
+        block; rows of blocks that did not run stay 0), else ``a.profile`` is 0.
+
+        Args:
+            max_blocks: at least the kernel's grid size.
+            bytes_moved: what the kernel moved (or a function giving it once the kernel ran).
+        """
+        rows = None
+        if _profile.is_enabled() and not self.device.capturing():
+            with self.device.stream_scope(self.stream):
+                rows = torch.zeros((max(1, max_blocks), 3), dtype=torch.int64, device=self.tensor_device)
+        a.profile = rows.data_ptr() if rows is not None else 0
+        launch(a, self.device.handle(self.stream))
+        if rows is not None:
+            self._profile_pending.append((kernel, rows, bytes_moved, self.device.record(self.stream)))
+
+    def _profile_collect(self, wait: bool) -> None:
+        """Hands the rows of finished profiled launches to ``dispatch.profile`` (in launch order);
+        ``wait``: wait for all of them, else stop at the first still running."""
+        while self._profile_pending and not self.device.capturing():
+            kernel, rows, bytes_moved, event = self._profile_pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+            self._profile_pending.pop(0)
+            total = bytes_moved() if callable(bytes_moved) else bytes_moved
+            _profile.record_device_buffer(kernel, rows, bytes_moved=total, rank=self.topo.rank)
+
+    def _rows_received(self, handle: CudaHandle) -> int:
+        """Rows this rank received in ``handle``'s dispatch (what its combine sends back)."""
+        view = self.mod.PlanView(self.topo.num_ranks, handle.num_channels, 0)
+        return int(handle.plan.cpu()[view.num_recv()])
 
     # --- counters (computed on demand: reading them waits for the device) -----------------------
     def stats(self) -> Dict[str, object]:
