@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from dispatch.cuda.rail import RailChunk
+from dispatch.errors import PeerTimeoutError
 from dispatch.cuda.rail_nccl import (NCCL_API_MAGIC, NCCL_CONFIG_HEADER_VERSION, NCCL_CONFIG_UNDEF_INT,
                                      NcclConfig, NcclError, NcclRail, find_nccl_library, make_config,
                                      rail_group)
@@ -39,9 +40,10 @@ class FakeNccl:
     """Records every call of the NCCL function table, in order; ``fail`` makes one call fail."""
 
     def __init__(self, log: Optional[List[Tuple[Any, ...]]] = None, uid_byte: int = 7,
-                 fail: Optional[str] = None) -> None:
+                 fail: Optional[str] = None, states: Optional[List[int]] = None) -> None:
         self.calls: List[Tuple[Any, ...]] = [] if log is None else log
         self.uid_byte, self.fail = uid_byte, fail
+        self.states = list(states or [])  # what the polls see before "ready" (0)
 
     def _call(self, *entry: Any) -> None:
         self.calls.append(entry)
@@ -58,6 +60,17 @@ class FakeNccl:
 
     def comm_destroy(self, comm: int) -> None:
         self._call("destroy", comm)
+
+    def comm_abort(self, comm: int) -> None:
+        self._call("abort", comm)
+
+    def comm_get_async_error(self, comm: int) -> int:
+        self._call("poll", comm)
+        return self.states.pop(0) if self.states else 0
+
+    @staticmethod
+    def error_string(code: int) -> str:
+        return f"fake error {code}"
 
     def group_start(self) -> None:
         self._call("group_start")
@@ -137,9 +150,10 @@ def test_config_is_initialized_like_the_header_initializer() -> None:
     c = make_config(2, 6)
     assert c.size == ctypes.sizeof(NcclConfig) and c.magic == NCCL_API_MAGIC
     assert c.version == NCCL_CONFIG_HEADER_VERSION
-    assert (c.minCTAs, c.maxCTAs) == (2, 6)
-    ints = [n for n, t in NcclConfig._fields_[3:] if t is ctypes.c_int and n not in ("minCTAs", "maxCTAs")]
-    assert len(ints) == 19 and all(getattr(c, n) == NCCL_CONFIG_UNDEF_INT for n in ints)
+    assert (c.minCTAs, c.maxCTAs, c.blocking) == (2, 6, 0)  # nonblocking: polled with a deadline
+    assert make_config(2, 6, blocking=True).blocking == 1
+    ints = [n for n, t in NcclConfig._fields_[3:] if t is ctypes.c_int and n not in ("minCTAs", "maxCTAs", "blocking")]
+    assert len(ints) == 18 and all(getattr(c, n) == NCCL_CONFIG_UNDEF_INT for n in ints)
     assert c.netName is None and c.commName is None
 
 
@@ -196,6 +210,9 @@ def test_real_library_version_unique_id_and_checked_errors() -> None:
     if torch.cuda.device_count() == 0:  # without a GPU the init fails, and says which call
         with pytest.raises(NcclError, match=r"ncclCommInitRankConfig failed: .*ncclResult_t \d"):
             lib.comm_init_rank_config(1, a, 0, make_config(1, 2))
+        topo = Topology(2, 1, 0)  # the whole construction, on the real library: fails at the init, fast
+        with pytest.raises(NcclError, match="ncclCommInitRankConfig failed"):
+            NcclRail(OneRankComm(topo, a), topo, FakeDevice([]), lib=lib, timeout_s=5)
 
 
 # --- construction (collective), with the fake -------------------------------------------------
@@ -226,6 +243,7 @@ def test_construction_exchanges_one_unique_id_per_rail_and_joins_by_node() -> No
         assert len(drew) == (1 if node == 0 else 0)
         (init,) = [e for e in logs[rank] if e[0] == "init"]
         assert init == ("init", N, bytes([j + 1]) * 128, node, 2, 3)  # rail j's id comes from rank j
+        assert logs[rank][-1] == ("poll", 0xC0 + node)  # the nonblocking init, polled until ready
         rail = rails[rank]
         assert rail is not None and rail.num_sms == 3 and rail.name == "nccl"
         assert rail.members == [m * L + j for m in range(N)]
@@ -242,10 +260,11 @@ def test_init_runs_with_the_gpu_current_and_checks_ctas() -> None:
             seen.append(device.in_scope)
             return super().comm_init_rank_config(*a)
 
-    NcclRail(OneRankComm(topo, b"\1" * 128), topo, device, lib=Lib(log))
+    rail = NcclRail(OneRankComm(topo, b"\1" * 128), topo, device, lib=Lib(log))
     assert seen == [True]
+    assert rail.config.blocking == 0 and (rail.config.minCTAs, rail.config.maxCTAs) == (1, rail.num_sms)
     for kw, name in (({"min_ctas": 0}, "min_ctas"), ({"max_ctas": 1, "min_ctas": 2}, "max_ctas"),
-                     ({"max_ctas": 2.0}, "max_ctas")):
+                     ({"max_ctas": 2.0}, "max_ctas"), ({"timeout_s": 0}, "timeout_s")):
         with pytest.raises((ValueError, TypeError), match=name):
             NcclRail(OneRankComm(topo, b"\1" * 128), topo, device, lib=FakeNccl(log), **kw)
     with pytest.raises(ValueError, match="at least 2"):
@@ -270,7 +289,7 @@ def test_post_issues_one_group_then_counter_stores_in_stream_order() -> None:
                    ("send", 0x1100, 64, 0, comm, 77),
                    ("recv", 0x9000, 512, 2, comm, 77), ("recv", 0xA000, 0, 0, comm, 77),
                    ("recv", 0x9200, 32, 2, comm, 77), ("recv", 0xA100, 16, 0, comm, 77),
-                   ("group_end",),
+                   ("group_end",), ("poll", comm),
                    ("copy", 0, 0, 0, 0x80, 1, 0, 77), ("copy", 0, 0, 0, 0x88, 1, 0, 77),
                    ("copy", 0, 0, 0, 0x80, 2, 0, 77)]
     del log[:]
@@ -328,12 +347,12 @@ def test_post_rejects_a_bad_stream_and_a_closed_rail() -> None:
 
 
 def test_two_hop_constructs_the_rail_with_its_call_signature() -> None:
-    """two_hop.TwoHopBackend._default_rail calls ``NcclRail(comm, topo, device)``."""
+    """two_hop.TwoHopBackend._default_rail calls ``NcclRail(comm, topo, device, timeout_s=...)``."""
     import inspect
 
     from dispatch.cuda import two_hop
     src = inspect.getsource(two_hop.TwoHopBackend._default_rail)
-    assert "NcclRail(self.comm, self.topo, self.device)" in src
+    assert "NcclRail(self.comm, self.topo, self.device, timeout_s=self.timeout_s)" in src
     params = list(inspect.signature(NcclRail).parameters)
     assert params[:3] == ["comm", "topo", "device"]
 
@@ -375,3 +394,35 @@ def test_two_gpus_move_a_chunk_and_bump_the_counter() -> None:  # pragma: no cov
     for rank in range(2):
         dst, counter = out[rank]
         assert torch.equal(dst, torch.arange(256, dtype=torch.uint8) + (1 - rank)) and counter == 1
+
+
+# --- a peer that never shows up, a failing communicator: errors, never a hang ------------------
+def test_init_times_out_naming_a_rail_peer_and_aborts() -> None:
+    log: List[Tuple[Any, ...]] = []
+    topo = Topology(6, 2, 3)  # node 1, rail 1: peers are ranks 1 and 5
+    lib = FakeNccl(log, states=[7] * 10 ** 6)  # forever in progress
+    with pytest.raises(PeerTimeoutError, match=r"rank 1 \(a rail peer of rank 3\) did not complete "
+                       r"ncclCommInitRankConfig.* after 0.05 s") as info:
+        NcclRail(OneRankComm(topo, b"\1" * 128), topo, FakeDevice(log), lib=lib, timeout_s=0.05)
+    assert info.value.rank == 1
+    assert log[-1] == ("abort", 0xC0 + 1) and ("destroy", 0xC0 + 1) not in log
+
+
+def test_post_polls_until_ready_then_stores_and_reports_async_errors() -> None:
+    log: List[Tuple[Any, ...]] = []
+    topo = Topology(4, 2, 0)
+    lib = FakeNccl(log)
+    rail = NcclRail(OneRankComm(topo, b"\1" * 128), topo, FakeDevice(log), lib=lib)
+    del log[:]
+    lib.states = [7, 7]  # the group end connects to the peer first
+    rail.post([RailChunk(1, 0x10, 8)], [RailChunk(1, 0x20, 8, 0x30, 1)], 9)
+    assert [e[0] for e in log] == ["group_start", "send", "recv", "group_end", "poll", "poll", "poll", "copy"]
+    del log[:]
+    lib.states = [3]  # ncclInternalError reported asynchronously
+    with pytest.raises(NcclError, match=r"ncclGroupEnd \(rail send/recv\) failed on rank 0: fake error 3"):
+        rail.post([RailChunk(1, 0x10, 8)], [RailChunk(1, 0x20, 8, 0x30, 1)], 9)
+    assert [e[0] for e in log][-2:] == ["poll", "abort"] and "copy" not in [e[0] for e in log]
+    rail.close()  # aborted already: nothing left to destroy
+    assert "destroy" not in [e[0] for e in log]
+    with pytest.raises(RuntimeError, match="after close"):
+        rail.post([], [], 9)

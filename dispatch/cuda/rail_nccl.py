@@ -6,6 +6,12 @@ node. ``post`` issues, on the rail stream, ``ncclGroupStart``, one ``ncclSend``/
 chunk (bytes as ``ncclUint8``), ``ncclGroupEnd``, then one arrival-counter store per received
 chunk: stream order puts each store after the group's receives have landed.
 
+The communicator is nonblocking (``ncclConfig_t.blocking = 0``): its set-up and each group end
+are polled with ``ncclCommGetAsyncError`` up to ``timeout_s``; a rail peer that never shows up
+aborts the communicator (``ncclCommAbort``) and raises ``PeerTimeoutError`` naming it, instead of
+hanging the host. (A peer dying after the group is enqueued leaves the NCCL kernel waiting on the
+rail stream; the forwarder kernel's own timeout on the arrival counter names that peer.)
+
 The transport's SMs are bounded by the communicator's ``ncclConfig_t`` (``minCTAs``/``maxCTAs``:
 NCCL runs one CTA per channel, each on its own SM); ``num_sms`` reports ``max_ctas`` beside the
 kernels' ``num_sms``.
@@ -32,12 +38,15 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ..errors import PeerTimeoutError
 from ..topology import Topology
 from .rail import RailChunk
 
 NCCL_SUCCESS = 0
+NCCL_IN_PROGRESS = 7  # a nonblocking communicator's call that is still being carried out
 NCCL_UINT8 = 1  # ncclDataType_t: bytes
 NCCL_API_MAGIC = 0xCAFEBEEF
 NCCL_CONFIG_UNDEF_INT = -(2 ** 31)  # INT_MIN
@@ -46,6 +55,8 @@ NCCL_UNIQUE_ID_BYTES = 128
 NCCL_CONFIG_HEADER_VERSION = 23203
 DEFAULT_MAX_CTAS = 4  # SMs NCCL may take on the rail; the kernels keep the rest
 DEFAULT_MIN_CTAS = 1
+DEFAULT_TIMEOUT_S = 300.0
+POLL_INTERVAL_S = 0.001
 
 
 class NcclUniqueId(ctypes.Structure):
@@ -69,13 +80,15 @@ class NcclConfig(ctypes.Structure):
     ]
 
 
-def make_config(min_ctas: int, max_ctas: int) -> NcclConfig:
+def make_config(min_ctas: int, max_ctas: int, blocking: bool = False) -> NcclConfig:
     """An ``ncclConfig_t`` initialized as ``NCCL_CONFIG_INITIALIZER`` does (header, every field
-    unset), then ``minCTAs``/``maxCTAs`` set.
+    unset), then ``minCTAs``/``maxCTAs`` and ``blocking`` set.
 
     Args:
         min_ctas: lower bound of NCCL's CTAs (channels) on the communicator.
         max_ctas: upper bound: the SMs the rail may occupy.
+        blocking: False (the transport's choice): calls return ``ncclInProgress`` and the caller
+            polls with a deadline, so a dead peer is an error, not a hang.
 
     Returns:
         the config (pointer fields NULL, int fields ``NCCL_CONFIG_UNDEF_INT``).
@@ -89,6 +102,7 @@ def make_config(min_ctas: int, max_ctas: int) -> NcclConfig:
             setattr(config, name, NCCL_CONFIG_UNDEF_INT)
     config.minCTAs = min_ctas
     config.maxCTAs = max_ctas
+    config.blocking = int(blocking)
     return config
 
 
@@ -164,6 +178,8 @@ class NcclLibrary:
             "ncclCommInitRankConfig": [ctypes.POINTER(c_void_p), c_int, NcclUniqueId, c_int,
                                        ctypes.POINTER(NcclConfig)],
             "ncclCommDestroy": [c_void_p],
+            "ncclCommAbort": [c_void_p],
+            "ncclCommGetAsyncError": [c_void_p, ctypes.POINTER(c_int)],
             "ncclGroupStart": [],
             "ncclGroupEnd": [],
             "ncclSend": [c_void_p, c_size_t, c_int, c_int, c_void_p, c_void_p],
@@ -177,11 +193,13 @@ class NcclLibrary:
         self._error_string = lib.ncclGetErrorString
         self._error_string.argtypes, self._error_string.restype = [c_int], ctypes.c_char_p
 
+    def error_string(self, code: int) -> str:
+        return (self._error_string(code) or b"?").decode(errors="replace")
+
     def _check(self, name: str, *args: Any) -> None:
         code = self._fn[name](*args)
-        if code != NCCL_SUCCESS:
-            text = (self._error_string(code) or b"?").decode(errors="replace")
-            raise NcclError(f"{name} failed: {text} (ncclResult_t {code})")
+        if code not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):  # in progress: the caller polls
+            raise NcclError(f"{name} failed: {self.error_string(code)} (ncclResult_t {code})")
 
     def get_version(self) -> int:
         """``ncclGetVersion``: e.g. 23203 for 2.32.3."""
@@ -205,6 +223,16 @@ class NcclLibrary:
 
     def comm_destroy(self, comm: int) -> None:
         self._check("ncclCommDestroy", ctypes.c_void_p(comm))
+
+    def comm_abort(self, comm: int) -> None:
+        self._check("ncclCommAbort", ctypes.c_void_p(comm))
+
+    def comm_get_async_error(self, comm: int) -> int:
+        """``ncclCommGetAsyncError``: the communicator's state (0 ready, 7 in progress, else an
+        error code; the call itself is checked)."""
+        state = ctypes.c_int()
+        self._check("ncclCommGetAsyncError", ctypes.c_void_p(comm), ctypes.byref(state))
+        return state.value
 
     def group_start(self) -> None:
         self._check("ncclGroupStart")
@@ -261,6 +289,8 @@ class NcclRail:
         max_ctas: most SMs NCCL may occupy on the rail (``ncclConfig_t.maxCTAs``); also ``num_sms``.
         min_ctas: fewest (``ncclConfig_t.minCTAs``).
         lib: the NCCL function table (default: ``NcclLibrary()``; tests pass a recording fake).
+        timeout_s: the communicator is nonblocking: its set-up and each ``post``'s group end
+            waiting longer than this abort it and raise ``PeerTimeoutError`` naming a rail peer.
         store_counter: ``(address, value, stream)`` enqueuing a uint64 release store on the
             stream (default: the device module's, see the module docstring).
     """
@@ -269,6 +299,7 @@ class NcclRail:
 
     def __init__(self, comm: Any, topo: Topology, device: Any, max_ctas: int = DEFAULT_MAX_CTAS,
                  min_ctas: int = DEFAULT_MIN_CTAS, lib: Optional[Any] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
                  store_counter: Optional[Callable[[int, int, int], None]] = None) -> None:
         if not isinstance(topo, Topology):
             raise TypeError(f"topo must be a Topology, got {type(topo).__name__}")
@@ -279,11 +310,14 @@ class NcclRail:
             raise ValueError(f"min_ctas must be >= 1, got {min_ctas}")
         if max_ctas < min_ctas:
             raise ValueError(f"max_ctas={max_ctas} must be >= min_ctas={min_ctas}")
+        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if topo.num_nodes < 2:
             raise ValueError(f"topo has {topo.num_nodes} node: the rail needs at least 2")
         self.topo = topo
         self.num_sms = max_ctas
         self.min_ctas = min_ctas
+        self.timeout_s = float(timeout_s)
         self.members = rail_group(topo.num_ranks, topo.num_ranks_per_node, topo.local_rank)
         self.lib = lib if lib is not None else NcclLibrary()
         if store_counter is None:
@@ -301,6 +335,28 @@ class NcclRail:
         self.config = make_config(min_ctas, max_ctas)
         with device.scope():
             self._comm = self.lib.comm_init_rank_config(len(self.members), unique_id, topo.node, self.config)
+            self._wait_ready("ncclCommInitRankConfig (joining the rail communicator)",
+                             [m for m in range(topo.num_nodes) if m != topo.node])
+
+    def _wait_ready(self, what: str, peer_nodes: Sequence[int]) -> None:
+        """Polls the nonblocking communicator until ``what`` is carried out; on an error, or past
+        ``timeout_s`` (a rail peer that never joined), aborts the communicator and raises."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            assert self._comm is not None
+            state = self.lib.comm_get_async_error(self._comm)
+            if state == NCCL_SUCCESS:
+                return
+            if state != NCCL_IN_PROGRESS or time.monotonic() > deadline:
+                comm, self._comm = self._comm, None
+                self.lib.comm_abort(comm)  # nothing of this rail can be trusted any more
+                if state != NCCL_IN_PROGRESS:
+                    text = self.lib.error_string(state) if hasattr(self.lib, "error_string") else "?"
+                    raise NcclError(f"{what} failed on rank {self.topo.rank}: {text} (ncclResult_t {state})")
+                peer = self.topo.rank_of(min(peer_nodes), self.topo.local_rank) if peer_nodes else self.topo.rank
+                raise PeerTimeoutError(peer, f"(a rail peer of rank {self.topo.rank}) did not complete {what}; "
+                                       f"the rail communicator was aborted", self.timeout_s)
+            time.sleep(POLL_INTERVAL_S)
 
     def post(self, sends: Sequence[RailChunk], recvs: Sequence[RailChunk], stream: int) -> None:
         """One group of ``ncclSend``/``ncclRecv`` (one per chunk, in the order given) on
@@ -322,6 +378,8 @@ class NcclRail:
                 self.lib.recv(c.address, c.num_bytes, c.peer_node, self._comm, stream)
         finally:
             self.lib.group_end()  # a group left open would swallow every later NCCL call
+        # the group is enqueued (first sends to a peer also connect to it) before the stores
+        self._wait_ready("ncclGroupEnd (rail send/recv)", sorted({c.peer_node for c in (*sends, *recvs)}))
         for c in recvs:
             if c.arrival_counter:
                 self._store_counter(c.arrival_counter, c.arrival_value, stream)

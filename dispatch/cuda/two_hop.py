@@ -186,7 +186,7 @@ class TwoHopBackend:
         except ImportError as exc:
             raise NotImplementedError("the CUDA backend across nodes needs the NCCL rail (dispatch/cuda/rail_nccl.py)"
                                       ) from exc
-        return NcclRail(self.comm, self.topo, self.device)  # pragma: no cover - another engineer's module
+        return NcclRail(self.comm, self.topo, self.device, timeout_s=self.timeout_s)  # pragma: no cover - needs GPUs
 
     # --- configuration -----------------------------------------------------------------------
     def check_config(self, config: Config) -> None:
