@@ -357,6 +357,29 @@ def test_two_hop_constructs_the_rail_with_its_call_signature() -> None:
     assert params[:3] == ["comm", "topo", "device"]
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="NCCL's own send/receive needs a GPU (this machine has none)")
+def test_one_gpu_self_send_through_the_real_library() -> None:  # pragma: no cover - needs a GPU
+    """The ctypes ABI on a GPU: our ncclConfig_t accepted (min/maxCTAs), a one-rank communicator
+    sends 1000 bytes to itself in a group, the stream carries them."""
+    if LIBRARY is None:
+        pytest.skip("needs libnccl.so.2 beside the GPU")
+    from dispatch.cuda.rail_nccl import NcclLibrary
+    lib = NcclLibrary(LIBRARY)
+    comm = lib.comm_init_rank_config(1, lib.get_unique_id(), 0, make_config(1, 2, blocking=True))
+    try:
+        src = torch.arange(1000, device="cuda").to(torch.uint8)
+        dst = torch.zeros(1000, dtype=torch.uint8, device="cuda")
+        stream = torch.cuda.current_stream().cuda_stream
+        lib.group_start()
+        lib.send(src.data_ptr(), 1000, 0, comm, stream)
+        lib.recv(dst.data_ptr(), 1000, 0, comm, stream)
+        lib.group_end()
+        torch.cuda.synchronize()
+        assert torch.equal(dst, src) and lib.comm_get_async_error(comm) == 0
+    finally:
+        lib.comm_destroy(comm)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a real NCCL send/receive needs two GPUs "
                     f"(this machine has {torch.cuda.device_count()})")
 def test_two_gpus_move_a_chunk_and_bump_the_counter() -> None:  # pragma: no cover - needs two GPUs
