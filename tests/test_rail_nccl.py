@@ -269,6 +269,18 @@ def test_init_runs_with_the_gpu_current_and_checks_ctas() -> None:
             NcclRail(OneRankComm(topo, b"\1" * 128), topo, device, lib=FakeNccl(log), **kw)
     with pytest.raises(ValueError, match="at least 2"):
         NcclRail(OneRankComm(Topology(4, 4, 0), b"\1" * 128), Topology(4, 4, 0), device, lib=FakeNccl(log))
+    with pytest.raises(RuntimeError, match=r"rank 1 sent no NCCL unique id for rail 1 \(failed: boom\)"):
+        NcclRail(OneRankComm(topo, "failed: boom"), topo, device, lib=FakeNccl(log))
+    # the drawing rank still joins the exchange (its peers must not wait), then raises its error
+    joined: List[Any] = []
+
+    class Comm(OneRankComm):
+        def all_gather_object(self, obj: Any) -> List[Any]:
+            joined.append(obj)
+            return super().all_gather_object(obj)
+    with pytest.raises(NcclError, match="get_unique_id failed"):
+        NcclRail(Comm(Topology(4, 2, 1), None), Topology(4, 2, 1), device, lib=FakeNccl(log, fail="get_unique_id"))
+    assert joined and joined[0].startswith("failed: get_unique_id failed")
     with pytest.raises(RuntimeError, match="rank 1 sent no NCCL unique id for rail 1"):
         NcclRail(OneRankComm(topo, None), topo, device, lib=FakeNccl(log))
 

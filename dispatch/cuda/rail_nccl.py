@@ -327,11 +327,20 @@ class NcclRail:
                 mod.rail_loopback_copy(0, 0, 0, address, value, 0, stream)
         self._store_counter = store_counter
         self._comm: Optional[int] = None
-        mine = self.lib.get_unique_id() if topo.node == 0 else None
+        mine: Any = None
+        failure: Optional[BaseException] = None
+        if topo.node == 0:
+            try:
+                mine = self.lib.get_unique_id()
+            except NcclError as exc:  # still join the exchange: the rail's other ranks must not wait
+                failure, mine = exc, f"failed: {exc}"
         gathered = comm.all_gather_object(mine)
+        if failure is not None:
+            raise failure
         unique_id = gathered[self.members[0]]
         if not isinstance(unique_id, bytes) or len(unique_id) != NCCL_UNIQUE_ID_BYTES:
-            raise RuntimeError(f"rank {self.members[0]} sent no NCCL unique id for rail {topo.local_rank}")
+            detail = f" ({unique_id})" if isinstance(unique_id, str) else ""
+            raise RuntimeError(f"rank {self.members[0]} sent no NCCL unique id for rail {topo.local_rank}{detail}")
         self.config = make_config(min_ctas, max_ctas)
         with device.scope():
             self._comm = self.lib.comm_init_rank_config(len(self.members), unique_id, topo.node, self.config)
