@@ -14,11 +14,11 @@
 //     then a __syncthreads per record (the slots are handed back), so records do not overlap.
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
 //     but up to 132 SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> 50 registers, 0 spill; rail_reduce_kernel<double>
-//   40 registers, 24 bytes spill stores/loads (24-byte stack frame) - still open: hoisting the
-//   contributors' slot addresses into shared memory and dropping the 64-bit modulo made both
-//   variants spill 12 bytes instead, so that change was not kept; cuobjdump/nvdisasm are not on
-//   the build machine to find the spilled values. rail_final_kernel<float> 26 registers,
+// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 64 registers, 0 spill. Under
+//   __launch_bounds__(kThreads) alone ptxas held the reducer to 40 registers and <double> spilled
+//   24 bytes; (kThreads, 1) lets it take 64 (still 2 blocks of 512 per SM; 2N blocks in all).
+//   Hoisting the slot addresses or unrolling the contributor loop once did not help (12-24 B
+//   spills). rail_final_kernel<float> 26 registers,
 //   <double> 28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
 // Two-hop combine, dispatch run backwards. The reduce kernel: block 2m returns the rows I
 // received from source node m to their forwarders (warp j: source (m, j)'s rows to local rank j,
@@ -40,8 +40,9 @@ namespace {
 
 constexpr int kFinalBlocks = 132;
 
+// min blocks 1: without it ptxas capped the fp64 reducer at 40 registers and spilled 24 bytes
 template <typename AccT>
-__global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
   DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);
   DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
   DISPATCH_SHARED(int, num_contrib);
