@@ -233,3 +233,42 @@ def test_rank_that_never_joins_is_named(device):
             return info.value
         res = lb.run(step)
     assert all(res[r].rank == 3 and "rank 3" in str(res[r]) for r in range(3))
+
+
+@pytest.mark.parametrize("device", [pytest.param(d.values[0], marks=d.marks) for d in DEVICES])
+def test_rail_buffers_persist_across_calls(device, monkeypatch):
+    """Two calls of one shape: the first allocates the rail buffers, the second allocates none
+    (a spy on the backend's device allocator) and reuses the same addresses, bit for bit alike."""
+    from dispatch.cuda.two_hop import TwoHopBackend
+    calls = []
+    real_empty = TwoHopBackend._empty
+
+    def spy(self, num_bytes):
+        calls.append((id(self), num_bytes))
+        return real_empty(self, num_bytes)
+
+    monkeypatch.setattr(TwoHopBackend, "_empty", spy)
+    N, L, E, k, H = 2, 2, 8, 2, 32
+    xs, idxs, ws = inputs(N * L, E, k, H, torch.bfloat16, seed=7, tokens=[9, 0, 13, 5])
+    config = Config(num_sms=2, chunk_tokens=4)
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
+            got = []
+            for _ in range(2):
+                mine = id(buf._backend)
+                before = sum(1 for who, _ in calls if who == mine)
+                recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E,
+                                                               config=config)
+                out, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w, config=config)
+                sync(device)
+                ptrs = {role: t.data_ptr() for role, t in buf._backend._rail_buffers.items()}
+                got.append((sum(1 for who, _ in calls if who == mine) - before, ptrs, recv_x.cpu(), out.cpu()))
+            return got
+        res = lb.run(step)
+    for r in range(N * L):
+        (new0, ptrs0, rx0, out0), (new1, ptrs1, rx1, out1) = res[r]
+        assert new0 > 0 and new1 == 0, (r, new0, new1)
+        assert set(ptrs0) >= {"dispatch_send", "dispatch_recv", "combine_partials", "combine_recv"}, r
+        assert ptrs0 == ptrs1, r
+        assert bit_equal(rx0, rx1) and bit_equal(out0, out1), r

@@ -1,3 +1,25 @@
+// ---- Kernel note (issue 14; figures from `nvcc -std=c++17 -arch=sm_90 -Xptxas -v -c`, 2026-12-04) ----
+// Warp roles:
+//   rail_reduce_kernel: 2N blocks of max(kThreads, 32 * L) threads (128 on SIMT). Block 2m
+//     (returner): warp j < L copies the rows I received from source (m, j) into ring (m, me) of
+//     local rank j; the other warps idle. Block 2m + 1 (reducer): thread 0 waits for the
+//     contributors of one record, then every thread sums columns (col = threadIdx.x strided).
+//     NOT sized by Config.num_sms yet (issue 14 item 1, open): 2N SMs whatever num_sms.
+//   rail_final_kernel: <= 132 blocks (4 on SIMT) x kThreads, a token per block (strided),
+//     columns across threads.
+// Bytes in flight per SM, by construction (Little's law at 0.5 us latency):
+//   returner: L warps x 2 KiB (warp_copy, 4 x 16 B per lane) = 2L KiB: L = 8: 32 GB/s per SM.
+//   reducer: one scalar load per thread per contributor, independent: at most 512 x c x 4 B
+//     (8 B for fp64) = 2c KiB per record, c <= L contributors: L = 8: 16 KiB, 32 GB/s per SM;
+//     then a __syncthreads per record (the slots are handed back), so records do not overlap.
+//   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
+//     but up to 132 SMs work at once.
+// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 64 registers, 0 spill. Under
+//   __launch_bounds__(kThreads) alone ptxas held the reducer to 40 registers and <double> spilled
+//   24 bytes; (kThreads, 1) lets it take 64 (still 2 blocks of 512 per SM; 2N blocks in all).
+//   Hoisting the slot addresses or unrolling the contributor loop once did not help (12-24 B
+//   spills). rail_final_kernel<float> 26 registers,
+//   <double> 28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
 // Two-hop combine, dispatch run backwards. The reduce kernel: block 2m returns the rows I
 // received from source node m to their forwarders (warp j: source (m, j)'s rows to local rank j,
 // ring (m, me) there); block 2m + 1 is my reducer for source node m: for every record I forwarded
@@ -18,8 +40,9 @@ namespace {
 
 constexpr int kFinalBlocks = 132;
 
+// min blocks 1: without it ptxas capped the fp64 reducer at 40 registers and spilled 24 bytes
 template <typename AccT>
-__global__ void __launch_bounds__(kThreads) rail_reduce_kernel(RailCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
   DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);
   DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
   DISPATCH_SHARED(int, num_contrib);

@@ -1,3 +1,19 @@
+// ---- Kernel note (issue 14; figures from `nvcc -std=c++17 -arch=sm_90 -Xptxas -v -c`, 2026-12-04) ----
+// Warp roles:
+//   rail_pack_kernel: <= 64 blocks x 16 warps (kThreads = 512; 128 threads on SIMT); one send
+//     record per warp (grid-strided): dst rows, routing, then the x row and scales.
+//   rail_forward_kernel: 2N blocks of 32 * L threads. Block 2m (forwarder, source node m): warp j
+//     pushes node m's records to local rank j's ring; block 2m + 1 (receiver): warp p places the
+//     rows local rank p forwarded to me. NOT sized by Config.num_sms yet (issue 14 item 1, open):
+//     2N SMs whatever num_sms, and only L of a block's warps work.
+// Bytes in flight per SM, by construction: warp_copy (element.h) issues 4 independent 16-byte
+//   loads per lane before its stores when both ends are 16-byte aligned: 2 KiB per warp.
+//   pack: 16 warps -> 32 KiB per SM; at 0.5 us latency (Little's law) 64 GB/s per SM.
+//   forward: L warps -> 2L KiB per SM: L = 8: 16 KiB, 32 GB/s per SM; L = 2: 4 KiB, 8 GB/s,
+//   under the 40 GB/s goal: the reason item 1 (every warp working whatever L) matters.
+//   Rows that are not 16-byte aligned fall back to 4-byte granules (fewer bytes in flight).
+// ptxas -v (sm_90): rail_pack_kernel 56 registers, rail_forward_kernel 64 registers, 0 bytes
+//   spill stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
 // Two-hop dispatch, the CUDA side of the rail: the rail sender packs each of my tokens once per
 // destination node (RecordLayout with the L destination rows there); the transport moves node
 // m's records to my rail peer on node m in chunks and bumps its arrival counter; on the

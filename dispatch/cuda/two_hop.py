@@ -166,6 +166,8 @@ class TwoHopBackend:
         self._error_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self.error.host_address)
         self._status_words = (ctypes.c_int32 * (2 + mod.MAX_PEERS)).from_address(self.status.host_address)
         self._pending: List[Any] = []
+        # rail buffers, one per role, kept across calls and grown when a call needs more
+        self._rail_buffers: Dict[str, torch.Tensor] = {}
         self._events: List[Tuple[Any, List[Any]]] = []
         if rail is None:
             rail = self._default_rail()
@@ -256,6 +258,41 @@ class TwoHopBackend:
     def _empty(self, num_bytes: int) -> torch.Tensor:
         with self.device.stream_scope(self.stream):
             return torch.empty(max(num_bytes, 16), dtype=torch.uint8, device=self.tensor_device)
+
+    def _rail_regions(self, role: str, sizes_bytes: Sequence[int]) -> List[torch.Tensor]:
+        """Byte regions of the persistent buffer of ``role`` (no allocation once it is big enough).
+
+        Calls are ordered on ``self.stream`` and each call's rail copies are ordered before its end,
+        so the next call may reuse the regions. A grown-out buffer lives until this call's end event.
+
+        Args:
+            role: which buffer (one per use, so two uses in one call never alias).
+            sizes_bytes: the regions' sizes.
+
+        Returns:
+            One uint8 view per size, each 256-byte aligned.
+        """
+        offsets, total = [], 0
+        for size in sizes_bytes:
+            offsets.append(total)
+            total += (max(int(size), 16) + 255) // 256 * 256
+        buf = self._rail_buffers.get(role)
+        if buf is None or buf.numel() < total:
+            if buf is not None:
+                self._pending.append(buf)  # earlier calls may still be reading it
+            buf = self._empty(total)
+            self._rail_buffers[role] = buf
+        return [buf[o:o + max(int(s), 16)] for o, s in zip(offsets, sizes_bytes)]
+
+    def _rail_words(self, role: str, values: Optional[Sequence[int]], count: int) -> torch.Tensor:
+        """An int64 table in the persistent buffer of ``role``: ``values`` copied in, or zeros."""
+        t = self._rail_regions(role, [8 * max(count, 1)])[0].view(torch.int64)
+        with self.device.stream_scope(self.stream):
+            if values is None:
+                t.zero_()
+            else:
+                t[:count].copy_(torch.tensor(list(values), dtype=torch.int64))
+        return t
 
     # --- errors -----------------------------------------------------------------------------------
     def check_error(self) -> None:
@@ -474,12 +511,12 @@ class TwoHopBackend:
         slots = self._ring_slots(rb)
         self._stats_thunk = ("dispatch", handle, (rb, rb))
         cr, nb, fb = handle.chunk_records, handle.node_begin, handle.fwd_begin
-        send_region = self._empty(nb[-1] * rb)
-        recv_regions = [self._empty((fb[m + 1] - fb[m]) * rb) if m != n else None for m in range(N)]
+        send_region = self._rail_regions("dispatch_send", [nb[-1] * rb])[0]
+        regions = self._rail_regions("dispatch_recv", [(fb[m + 1] - fb[m]) * rb for m in range(N)])
+        recv_regions = [r if m != n else None for m, r in enumerate(regions)]
         fwd_regions = [send_region.data_ptr() + nb[n] * rb if m == n else recv_regions[m].data_ptr() for m in range(N)]
-        fwd_regions_t = self._scratch(fwd_regions, torch.int64)
-        with self.device.stream_scope(self.stream):
-            arrival = torch.zeros(N, dtype=torch.int64, device=self.tensor_device)
+        fwd_regions_t = self._rail_words("dispatch_table", fwd_regions, N)
+        arrival = self._rail_words("dispatch_arrival", None, N)
         plan = handle.device_plan
         a = self.mod.RailDispatchArgs()
         for i, address in enumerate(self.peers):
@@ -537,15 +574,16 @@ class TwoHopBackend:
         slots = self._ring_slots(row_bytes)
         self._stats_thunk = ("combine", handle, (remote_pb, row_bytes))
         cr, nb, fb = handle.chunk_records, handle.node_begin, handle.fwd_begin
-        partials = [self._empty((fb[m + 1] - fb[m]) * (own_pb if m == n else remote_pb)) for m in range(N)]
-        recv_regions = [self._empty((nb[m + 1] - nb[m]) * remote_pb) if m != n else None for m in range(N)]
-        partials_t = self._scratch([p.data_ptr() for p in partials], torch.int64)
-        regions_t = self._scratch([partials[n].data_ptr() if m == n else recv_regions[m].data_ptr() for m in range(N)],
-                                  torch.int64)
-        num_chunks = self._scratch([0 if m == n else len(stream_chunks(nb[m + 1] - nb[m], cr)) for m in range(N)],
-                                   torch.int64)
-        with self.device.stream_scope(self.stream):
-            arrival = torch.zeros(N, dtype=torch.int64, device=self.tensor_device)
+        partials = self._rail_regions("combine_partials",
+                                      [(fb[m + 1] - fb[m]) * (own_pb if m == n else remote_pb) for m in range(N)])
+        regions = self._rail_regions("combine_recv", [(nb[m + 1] - nb[m]) * remote_pb for m in range(N)])
+        recv_regions = [r if m != n else None for m, r in enumerate(regions)]
+        partials_t = self._rail_words("combine_partials_table", [p.data_ptr() for p in partials], N)
+        regions_t = self._rail_words("combine_regions_table",
+                                     [partials[n].data_ptr() if m == n else recv_regions[m].data_ptr() for m in range(N)], N)
+        num_chunks = self._rail_words("combine_chunks_table",
+                                      [0 if m == n else len(stream_chunks(nb[m + 1] - nb[m], cr)) for m in range(N)], N)
+        arrival = self._rail_words("combine_arrival", None, N)
         out = self._output((handle.num_tokens, hidden), x.dtype, options)
         out_w = self._output((handle.num_tokens, k), torch.float32, options) if k else None
         plan = handle.device_plan
@@ -617,6 +655,7 @@ class TwoHopBackend:
         self.comm.barrier()
         self.rail.close()
         self._mappings = []
+        self._rail_buffers = {}
         self.staging = None
         self.error = None
         self.status = None
