@@ -231,3 +231,40 @@ class DeepEPHandleView:
     def __iter__(self):
         raise TypeError("a dispatch handle cannot be unpacked like DeepEP's tuple (most entries describe "
                         "DeepEP's kernels); index the shared entries instead, see docs/deepep.md")
+
+
+class CountedHandleView(DeepEPHandleView):
+    """``DeepEPHandleView`` for handles that keep every rank's counts (the CPU backend's and the
+    CUDA two-hop path's): the internode entries come from the count matrices.
+
+    The handle class keeps ``rank_counts`` (``[R, R]``), ``node_counts`` (``[R, N]``), ``rank``,
+    ``num_ranks_per_node``, ``num_recv_tokens`` and ``num_worst_tokens``.
+    """
+
+    rank_counts: torch.Tensor
+    node_counts: torch.Tensor
+    rank: int
+    num_ranks_per_node: int
+    num_recv_tokens: int
+    num_worst_tokens: int
+
+    @property
+    def num_recv_rows(self) -> int:
+        """Rows of the tensors dispatch returned."""
+        return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
+
+    def _deepep_num_nodes(self) -> int:
+        return self.node_counts.shape[1]
+
+    def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
+        if name == "rank_prefix_matrix":
+            return self.rank_counts.cumsum(dim=0).to(torch.int32)
+        if name == "recv_gbl_rank_prefix_sum":
+            return self.rank_counts[:, self.rank].cumsum(dim=0).to(torch.int32)
+        if name == "recv_rdma_rank_prefix_sum":
+            # My rail peer on node m is rank m * L + my local index; it sends me its tokens for my node.
+            L = self.num_ranks_per_node
+            node, local = divmod(self.rank, L)
+            peers = torch.arange(self._deepep_num_nodes()) * L + local
+            return self.node_counts[peers, node].cumsum(dim=0).to(torch.int32)
+        return super()._deepep_entry(name)

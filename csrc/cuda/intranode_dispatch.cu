@@ -22,6 +22,7 @@
 #include "batch.h"
 #include "element.h"
 #include "kernels.h"
+#include "place_record.h"
 #include "plan_view.h"
 #include "profile_record.h"
 #include "staging.h"
@@ -131,33 +132,6 @@ DISPATCH_DEVICE void send_channel(const DispatchArgs& a, const Waiter& w, int c)
   }
 }
 
-// One record of source s into its row: payload, scales, top-k (global ids -> local, -1 when the
-// expert is not mine) and where it came from. Returns false when the row is past the receive
-// tensors (num_worst_tokens below what arrived).
-DISPATCH_DEVICE bool place_record(const DispatchArgs& a, const RecordLayout& rl, const uint8_t* rec, int32_t base, int s,
-                                  int lane) {
-  const int64_t row = base + __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()));
-  if (row < 0 || row >= a.max_rows) return false;
-  warp_copy(reinterpret_cast<uint8_t*>(a.recv_x) + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
-  if (a.scale_bytes) {
-    warp_copy(reinterpret_cast<uint8_t*>(a.recv_scales) + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
-  }
-  const int k = a.num_topk;
-  int64_t* recv_idx = reinterpret_cast<int64_t*>(a.recv_topk_idx);
-  float* recv_w = reinterpret_cast<float*>(a.recv_topk_weights);
-  if (lane < k && recv_idx) {
-    const int64_t e = __ldcg(reinterpret_cast<const int64_t*>(rec + rl.topk_idx_offset()) + lane);
-    const bool mine = e >= a.expert_begin && e < a.expert_begin + a.experts_per_rank;
-    recv_idx[row * k + lane] = mine ? e - a.expert_begin : -1;
-    if (recv_w) recv_w[row * k + lane] = mine ? __ldcg(reinterpret_cast<const float*>(rec + rl.topk_weights_offset()) + lane) : 0.0f;
-  }
-  if (lane == 0) {
-    reinterpret_cast<int32_t*>(a.recv_src_rank)[row] = s;
-    reinterpret_cast<int32_t*>(a.recv_src_token)[row] = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.src_token_offset()));
-  }
-  return true;
-}
-
 DISPATCH_DEVICE void receive_channel(const DispatchArgs& a, const Waiter& w, int c) {
   DISPATCH_SHARED_ARRAY(uint64_t, expected, kMaxPeers);  // records peer s sends on this channel
   DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);  // records of peer s placed so far
@@ -216,7 +190,10 @@ DISPATCH_DEVICE void receive_channel(const DispatchArgs& a, const Waiter& w, int
       int64_t j = 0;
       const int s = peer_of_item(take, L, q, &j);
       const uint8_t* rec = ring_of(own, c, s, L, slots, rec_bytes) + static_cast<int64_t>((consumed[s] + j) % slots) * rec_bytes;
-      if (!place_record(a, rl, rec, plan[pv.recv_base(s)], s, lane) && lane == 0) {
+      const int64_t row = plan[pv.recv_base(s)] + __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()));
+      if (row >= 0 && row < a.max_rows) {
+        place_record(a, rl, rec, row, s, lane);
+      } else if (lane == 0) {  // num_worst_tokens below what arrived
         w.report(s, c, kWaitOverflow);
         atomicAdd(&place_failed, 1);
       }

@@ -12,7 +12,8 @@
 //   forward: L warps -> 2L KiB per SM: L = 8: 16 KiB, 32 GB/s per SM; L = 2: 4 KiB, 8 GB/s,
 //   under the 40 GB/s goal: the reason item 1 (every warp working whatever L) matters.
 //   Rows that are not 16-byte aligned fall back to 4-byte granules (fewer bytes in flight).
-// ptxas -v (sm_90): rail_pack_kernel 56 registers, rail_forward_kernel 64 registers, 0 bytes
+// ptxas -v (sm_90): rail_pack_kernel 56 registers, rail_forward_kernel 90 registers (launch bounds
+//   of one block per SM: at ptxas' default 64 the shared place_record spilled 16 bytes), 0 bytes
 //   spill stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
 // Two-hop dispatch, the CUDA side of the rail: the rail sender packs each of my tokens once per
 // destination node (RecordLayout with the L destination rows there); the transport moves node
@@ -25,6 +26,7 @@
 #include "kernels.h"
 #include "rail_api.h"
 #include "element.h"
+#include "place_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
 
 // Block 2m: forwarder of source node m (warp j feeds local rank j's ring (m, me)); block 2m + 1:
 // receiver of source node m (warp p drains ring (m, p), forwarder p's records).
-__global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) rail_forward_kernel(RailDispatchArgs a) {
   const int L = a.num_ranks, me = a.rank, n = a.node;
   const int m = blockIdx.x / 2;
   const bool forwarder = (blockIdx.x % 2) == 0;
@@ -80,7 +82,6 @@ __global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs
   const RecordLayout rl{L, a.num_topk, a.hidden_bytes, a.scale_bytes};
   const int64_t rb = rl.bytes();
   const int64_t slots = a.ring_slots;
-  const int k = a.num_topk;
 
   if (forwarder) {
     const int j = warp;
@@ -135,12 +136,6 @@ __global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs
   const uint8_t* ring = ring_of(own, m, p, L, slots, rb);
   const uint64_t* tail = tail_of(own, m, p);
   uint64_t* head = head_of(a.peers.ptr[p], m, me);
-  uint8_t* recv_x = reinterpret_cast<uint8_t*>(a.recv_x);
-  uint8_t* recv_scales = reinterpret_cast<uint8_t*>(a.recv_scales);
-  int64_t* recv_idx = reinterpret_cast<int64_t*>(a.recv_topk_idx);
-  float* recv_w = reinterpret_cast<float*>(a.recv_topk_weights);
-  int32_t* src_rank = reinterpret_cast<int32_t*>(a.recv_src_rank);
-  int32_t* src_token = reinterpret_cast<int32_t*>(a.recv_src_token);
   uint64_t seen = 0;
   for (uint64_t i = 0; i < static_cast<uint64_t>(count); ++i) {
     int ok = 1;
@@ -156,18 +151,7 @@ __global__ void __launch_bounds__(kThreads) rail_forward_kernel(RailDispatchArgs
       if (lane == 0) w.report(n * L + p, m, kWaitOverflow);
       return;
     }
-    warp_copy(recv_x + row * a.hidden_bytes, rec + rl.x_offset(), a.hidden_bytes, lane);
-    if (a.scale_bytes) warp_copy(recv_scales + row * a.scale_bytes, rec + rl.scales_offset(), a.scale_bytes, lane);
-    if (lane < k && recv_idx) {
-      const int64_t e = __ldcg(reinterpret_cast<const int64_t*>(rec + rl.topk_idx_offset()) + lane);
-      const bool mine = e >= a.expert_begin && e < a.expert_begin + a.experts_per_rank;
-      recv_idx[row * k + lane] = mine ? e - a.expert_begin : -1;
-      if (recv_w) recv_w[row * k + lane] = mine ? __ldcg(reinterpret_cast<const float*>(rec + rl.topk_weights_offset()) + lane) : 0.0f;
-    }
-    if (lane == 0) {
-      src_rank[row] = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.src_rank_offset()));
-      src_token[row] = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.src_token_offset()));
-    }
+    place_record(a, rl, rec, row, -1, lane);
     __syncwarp();
     if (lane == 0) port::st_release(head, i + 1);
   }

@@ -23,7 +23,6 @@ the error words, so a stalled peer fails the call in which it stalls.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import time
 import zlib
@@ -35,12 +34,13 @@ import torch
 from .. import _C
 from .. import profile as _profile
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
-                       HandleOrigin, LayoutResult, dtype_codes, verdict_code, verdict_error)
+                       HandleOrigin, dtype_codes, verdict_code, verdict_error)
 from ..compat import DeepEPHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
 from ..event import EventOverlap
 from ..topology import Topology
+from .calls import DeviceCalls
 from .device import KERNEL_THREADS, Device
 
 DEFAULT_NVL_BYTES = 256 << 20
@@ -147,7 +147,7 @@ class CudaHandle(DeepEPHandleView):
         return super()._deepep_entry(name)
 
 
-class CudaBackend:
+class CudaBackend(DeviceCalls):
     """Staging memory, peers, stream and kernels of one rank of one node.
 
     Construction is collective over ``comm`` (all ranks of the node).
@@ -243,18 +243,9 @@ class CudaBackend:
                                  f"needs {need} resident blocks of {KERNEL_THREADS} threads, the {self.device_kind} "
                                  f"device holds {have}; lower num_sms or the number of virtual ranks")
 
-    def may_read_values(self) -> bool:
-        return not self.device.capturing()
-
     # --- stream plumbing ---------------------------------------------------------------------------
-    def _begin(self, options: CallOptions) -> Any:
-        """Orders the communication stream after ``previous_event`` (or the compute stream);
-        returns the compute stream."""
+    def _before_call(self) -> None:
         self._profile_collect(wait=False)
-        compute = self.device.compute_stream()
-        previous = options.previous_event.event if options.previous_event is not None else None
-        self.device.order_after(self.stream, compute, previous)
-        return compute
 
     def _end(self, compute: Any, options: CallOptions, inputs: Tuple[Any, ...], outputs: Tuple[Any, ...]) -> EventOverlap:
         """Records the end of the call; without ``async_finish`` the compute stream waits for it
@@ -274,19 +265,6 @@ class CudaBackend:
         return EventOverlap(event, extra_tensors=tuple(t for t in inputs if isinstance(t, torch.Tensor)),
                             device=self.device)
 
-    def _output(self, shape: Tuple[int, ...], dtype: torch.dtype, options: CallOptions,
-                fill: Optional[int] = None) -> torch.Tensor:
-        """An output tensor, allocated on the communication stream only when asked (DeepEP's
-        ``allocate_on_comm_stream``), else on the compute stream; filled on the communication
-        stream (after what the call waits for, before its kernels)."""
-        scope = self.device.stream_scope(self.stream) if options.allocate_on_comm_stream else contextlib.nullcontext()
-        with scope:
-            t = torch.empty(shape, dtype=dtype, device=self.tensor_device)
-        if fill is not None:
-            with self.device.stream_scope(self.stream):
-                t.fill_(fill)
-        return t
-
     # --- errors --------------------------------------------------------------------------------
     def check_error(self) -> None:
         """Raises the failure a kernel reported (the buffer is unusable after a timeout)."""
@@ -297,12 +275,6 @@ class CudaBackend:
                 raise ValueError(f"num_worst_tokens is below the tokens rank {self.topo.rank} receives")
             where = "at the node barrier" if channel < 0 else f"on channel {channel}"
             raise PeerTimeoutError(rank, f"stalled {where} ({name}) as seen by rank {self.topo.rank}", self.timeout_s)
-
-    def _wait_args(self) -> Any:
-        w = self.mod.WaitArgs()
-        w.timeout_ns = int(self.timeout_s * 1e9)
-        w.error = self.error.device_address
-        return w
 
     def _args(self, cls: type) -> Any:
         a = cls()
@@ -424,27 +396,8 @@ class CudaBackend:
         self.check_error()
 
     # --- layout ------------------------------------------------------------------------------------
-    def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
-        """The layout kernel (same rules as ``layout.h``); ``topk_idx`` never leaves the device."""
-        topo = self.topo
-        R, N = topo.num_ranks, topo.num_nodes
-        compute = self._begin(options)
-        outs = (self._output((R,), torch.int32, options, 0), self._output((N,), torch.int32, options, 0),
-                self._output((num_experts,), torch.int32, options, 0),
-                self._output((topk_idx.shape[0], R), torch.bool, options))
-        a = self.mod.LayoutArgs()
-        a.topk_idx = topk_idx.data_ptr()
-        a.num_tokens, a.num_topk = topk_idx.shape
-        a.num_ranks, a.num_ranks_per_node, a.num_experts = R, topo.num_ranks_per_node, num_experts
-        a.num_blocks = max(1, config.num_sms)
-        per_rank, per_node, per_expert, in_rank = outs
-        a.per_rank, a.per_node, a.per_expert, a.in_rank = (per_rank.data_ptr(), per_node.data_ptr(),
-                                                           per_expert.data_ptr(), in_rank.data_ptr())
-        # bytes: the topk ids read and is_token_in_rank written
-        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks,
-                              a.num_tokens * (a.num_topk * 8 + R))
-        event = self._end(compute, options, (topk_idx,), outs)
-        return LayoutResult(per_rank, per_node if N > 1 else None, per_expert, in_rank, event)
+    def _launch_layout(self, a: Any, bytes_moved: int) -> None:
+        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks, bytes_moved)
 
     # --- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchResult:

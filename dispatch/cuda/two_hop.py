@@ -19,7 +19,6 @@ Cost of this first version: the host exchange and plan read ``is_token_in_rank``
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -28,13 +27,14 @@ import torch
 
 from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
-                       HandleOrigin, LayoutResult, dtype_codes, verdict_code, verdict_error)
-from ..compat import DeepEPHandleView
+                       HandleOrigin, dtype_codes, verdict_code, verdict_error)
+from ..compat import CountedHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
 from ..event import EventOverlap
-from ..host.plan import plan_sends, stream_chunks
+from ..planner import plan_sends, stream_chunks
 from ..topology import Topology
+from .calls import DeviceCalls
 from .device import KERNEL_THREADS, Device
 from .rail import RailChunk
 
@@ -46,7 +46,7 @@ WAIT_BARRIER = 1
 
 
 @dataclass(eq=False)
-class TwoHopHandle(DeepEPHandleView):
+class TwoHopHandle(CountedHandleView):
     """Routes of one two-hop dispatch (plan on the host and on the device).
 
     Attributes:
@@ -81,25 +81,6 @@ class TwoHopHandle(DeepEPHandleView):
     num_ranks_per_node: int
     origin: Optional[HandleOrigin] = None
 
-    @property
-    def num_recv_rows(self) -> int:
-        return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
-
-    def _deepep_num_nodes(self) -> int:
-        return self.node_counts.shape[1]
-
-    def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
-        if name == "rank_prefix_matrix":
-            return self.rank_counts.cumsum(dim=0).to(torch.int32)
-        if name == "recv_gbl_rank_prefix_sum":
-            return self.rank_counts[:, self.rank].cumsum(dim=0).to(torch.int32)
-        if name == "recv_rdma_rank_prefix_sum":
-            L = self.num_ranks_per_node
-            node, local = divmod(self.rank, L)
-            peers = torch.arange(self._deepep_num_nodes()) * L + local
-            return self.node_counts[peers, node].cumsum(dim=0).to(torch.int32)
-        return super()._deepep_entry(name)
-
 
 # Facts every rank's call must agree on, by name (the message names the first that differs).
 DISPATCH_FACTS = ("x's hidden size", "x's dtype", "topk_idx width", "FP8 scale columns", "num_experts",
@@ -108,7 +89,7 @@ CACHED_FACTS = ("x's hidden size", "x's dtype", "FP8 scale columns")
 COMBINE_FACTS = ("x's hidden size", "x's dtype", "topk_weights", "config.round_rail_partials")
 
 
-class TwoHopBackend:
+class TwoHopBackend(DeviceCalls):
     """Staging, rail transport, streams and kernels of one rank of a multi-node CUDA buffer.
 
     Construction is collective over ``comm`` (every rank of the buffer).
@@ -204,16 +185,7 @@ class TwoHopBackend:
                                  f"needs {need} resident blocks of {KERNEL_THREADS} threads, the {self.device_kind} "
                                  f"device holds {have}")
 
-    def may_read_values(self) -> bool:
-        return not self.device.capturing()
-
     # --- stream plumbing ------------------------------------------------------------------------
-    def _begin(self, options: CallOptions) -> Any:
-        compute = self.device.compute_stream()
-        previous = options.previous_event.event if options.previous_event is not None else None
-        self.device.order_after(self.stream, compute, previous)
-        return compute
-
     def _end(self, compute: Any, options: CallOptions, inputs: Tuple[Any, ...], outputs: Tuple[Any, ...]) -> EventOverlap:
         self._order(self.stream, self.rail_stream)  # the rail stream's copies are part of the call
         event = self.device.record(self.stream)
@@ -238,16 +210,6 @@ class TwoHopBackend:
         event = self.device.record(earlier)
         self._pending.append(event)
         self.device.order_after(later, None, event)
-
-    def _output(self, shape: Tuple[int, ...], dtype: torch.dtype, options: CallOptions,
-                fill: Optional[int] = None) -> torch.Tensor:
-        scope = self.device.stream_scope(self.stream) if options.allocate_on_comm_stream else contextlib.nullcontext()
-        with scope:
-            t = torch.empty(shape, dtype=dtype, device=self.tensor_device)
-        if fill is not None:
-            with self.device.stream_scope(self.stream):
-                t.fill_(fill)
-        return t
 
     def _scratch(self, data: Any, dtype: torch.dtype) -> torch.Tensor:
         """A plan tensor on the device, written in the comm stream's order."""
@@ -307,12 +269,6 @@ class TwoHopBackend:
             where = "at the node barrier" if channel < 0 else f"on source node {channel}"
             raise PeerTimeoutError(rank, f"stalled {where} ({name}) as seen by rank {self.topo.rank}", self.timeout_s)
 
-    def _wait_args(self) -> Any:
-        w = self.mod.WaitArgs()
-        w.timeout_ns = int(self.timeout_s * 1e9)
-        w.error = self.error.device_address
-        return w
-
     def _agree(self, op: str, error: Optional[BaseException], facts: Tuple[Any, ...], names: Sequence[str],
                extra: Any = None) -> List[Any]:
         """All-gathers (verdict, facts, extra) over every rank and raises what every rank must:
@@ -367,27 +323,6 @@ class TwoHopBackend:
                                  counter + 8 * peer_node if counter else 0, i + 1 if counter else 0))
             first += count
         return out
-
-    # --- layout -----------------------------------------------------------------------------------
-    def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
-        """The layout kernel (rank-local, same rules as ``layout.h``)."""
-        topo = self.topo
-        R, N = topo.num_ranks, topo.num_nodes
-        compute = self._begin(options)
-        outs = (self._output((R,), torch.int32, options, 0), self._output((N,), torch.int32, options, 0),
-                self._output((num_experts,), torch.int32, options, 0),
-                self._output((topk_idx.shape[0], R), torch.bool, options))
-        a = self.mod.LayoutArgs()
-        a.topk_idx = topk_idx.data_ptr()
-        a.num_tokens, a.num_topk = topk_idx.shape
-        a.num_ranks, a.num_ranks_per_node, a.num_experts = R, topo.num_ranks_per_node, num_experts
-        a.num_blocks = max(1, config.num_sms)
-        per_rank, per_node, per_expert, in_rank = outs
-        a.per_rank, a.per_node, a.per_expert, a.in_rank = (per_rank.data_ptr(), per_node.data_ptr(),
-                                                           per_expert.data_ptr(), in_rank.data_ptr())
-        self.mod.launch_layout(a, self.device.handle(self.stream))
-        event = self._end(compute, options, (topk_idx,), outs)
-        return LayoutResult(per_rank, per_node, per_expert, in_rank, event)
 
     # --- dispatch ---------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchResult:

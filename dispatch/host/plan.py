@@ -1,4 +1,5 @@
-"""Python side of the planner: chunk schedules and the per-call plan the executors follow.
+"""The CPU backend's side of the planner: outbox chunk schedules and the handle the executors
+follow (the plan shared with the CUDA two-hop path is in ``dispatch/planner.py``).
 
 Everything here is a pure function of the count matrices every rank holds after notify, so
 all ranks of a node derive the same schedules without talking.
@@ -11,19 +12,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .. import _C
 from ..backend import HandleOrigin
-from ..compat import DeepEPHandleView
+from ..compat import CountedHandleView
+from ..planner import SendPlan, plan_sends, stream_chunks  # noqa: F401 (re-exported)
 from ..topology import Topology
 
 # One outbox chunk: (source rank, chunk index within that source's stream, records).
 Chunk = Tuple[int, int, int]
-
-
-def stream_chunks(num_records: int, chunk_records: int) -> List[int]:
-    """Record counts of the chunks a stream of ``num_records`` is cut into."""
-    full, rest = divmod(num_records, chunk_records)
-    return [chunk_records] * full + ([rest] if rest else [])
 
 
 def outbox_schedule(topo: Topology, producer: int, node_counts: torch.Tensor, chunk_records: int) -> List[Chunk]:
@@ -50,55 +45,10 @@ def outbox_schedule(topo: Topology, producer: int, node_counts: torch.Tensor, ch
     return schedule
 
 
-@dataclass
-class SendPlan:
-    """This rank's tokens per destination node, in token order, with their rows there.
-
-    Attributes:
-        node_token_begin: ``N + 1`` offsets into ``node_tokens``.
-        node_tokens: int32 token indices, grouped by node.
-        node_dst_rows: int32 ``[len(node_tokens), L]`` row at each rank of that node, -1 = none.
-    """
-
-    node_token_begin: List[int]
-    node_tokens: torch.Tensor
-    node_dst_rows: torch.Tensor
-
-    def tokens(self, node: int) -> torch.Tensor:
-        return self.node_tokens[self.node_token_begin[node]:self.node_token_begin[node + 1]]
-
-    def dst_rows(self, node: int) -> torch.Tensor:
-        return self.node_dst_rows[self.node_token_begin[node]:self.node_token_begin[node + 1]]
-
-
-def plan_sends(topo: Topology, is_token_in_rank: torch.Tensor, rank_counts: torch.Tensor) -> SendPlan:
-    """Runs the C++ planner for this rank.
-
-    Args:
-        is_token_in_rank: ``[T, R]`` bool.
-        rank_counts: ``[R, R]`` tokens of each source for each destination (all ranks').
-    """
-    R, L, me = topo.num_ranks, topo.num_ranks_per_node, topo.rank
-    recv_row_base = rank_counts[:me].sum(dim=0).to(torch.int64).contiguous()
-    node_counts = is_token_in_rank.view(-1, topo.num_nodes, L).any(dim=2).sum(dim=0)
-    begin = [0] + torch.cumsum(node_counts, 0).tolist()
-    begin_t = torch.tensor(begin, dtype=torch.int64)
-    total = begin[-1]
-    node_tokens = torch.empty(total, dtype=torch.int32)
-    node_dst_rows = torch.empty((total, L), dtype=torch.int32)
-    rank_scratch = torch.empty(R, dtype=torch.int64)
-    node_scratch = torch.empty(topo.num_nodes, dtype=torch.int64)
-    membership = is_token_in_rank.contiguous()
-    _C.plan_dispatch_sends(membership.data_ptr(), membership.shape[0], R, L, recv_row_base.data_ptr(),
-                           begin_t.data_ptr(), node_tokens.data_ptr(), node_dst_rows.data_ptr(),
-                           rank_scratch.data_ptr(), node_scratch.data_ptr())
-    return SendPlan(begin, node_tokens, node_dst_rows)
-
-
 @dataclass(eq=False)
-class HostHandle(DeepEPHandleView):
+class HostHandle(CountedHandleView):
     """What a CPU-backend dispatch recorded, so that combine and cached dispatch need no new
-    layout exchange. Indexable like DeepEP's handle for the shared entries (``DeepEPHandleView``).
+    layout exchange. Indexable like DeepEP's handle for the shared entries (``CountedHandleView``).
 
     Attributes:
         num_tokens: tokens at this rank (rows of the combine output).
@@ -136,25 +86,3 @@ class HostHandle(DeepEPHandleView):
     num_ranks_per_node: int
     is_token_in_rank: torch.Tensor
     origin: Optional[HandleOrigin] = None
-
-    @property
-    def num_recv_rows(self) -> int:
-        """Rows of the tensors dispatch returned."""
-        return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
-
-    # --- DeepEP's handle entries (DeepEPHandleView) --------------------------------------------
-    def _deepep_num_nodes(self) -> int:
-        return self.node_counts.shape[1]
-
-    def _deepep_entry(self, name: str) -> Optional[torch.Tensor]:
-        if name == "rank_prefix_matrix":
-            return self.rank_counts.cumsum(dim=0).to(torch.int32)
-        if name == "recv_gbl_rank_prefix_sum":
-            return self.rank_counts[:, self.rank].cumsum(dim=0).to(torch.int32)
-        if name == "recv_rdma_rank_prefix_sum":
-            # My rail peer on node m is rank m * L + my local index; it sends me its tokens for my node.
-            L = self.num_ranks_per_node
-            node, local = divmod(self.rank, L)
-            peers = torch.arange(self._deepep_num_nodes()) * L + local
-            return self.node_counts[peers, node].cumsum(dim=0).to(torch.int32)
-        return super()._deepep_entry(name)
