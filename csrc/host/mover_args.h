@@ -165,9 +165,6 @@ struct UnpackRecordsArgs {
       detail::fail(m, "recv_topk_idx and recv_topk_weights must be given together");
     if (num_records == 0) return;
     if (chunk == 0) detail::fail(m, "chunk is null");
-    if (recv_x == 0) detail::fail(m, "recv_x is null");
-    if (rows_out == 0 || src_ranks_out == 0 || src_tokens_out == 0)
-      detail::fail(m, "rows_out, src_ranks_out or src_tokens_out is null");
     // The rows the records name for this rank: a cheap pass over 4 bytes a record.
     const auto* base = reinterpret_cast<const uint8_t*>(chunk);
     int64_t count = 0;
@@ -180,6 +177,10 @@ struct UnpackRecordsArgs {
                             " outside num_recv_rows " + std::to_string(num_recv_rows));
       ++count;
     }
+    if (count == 0) return;  // nothing for this rank: its receive tensors may be empty
+    if (recv_x == 0) detail::fail(m, "recv_x is null");
+    if (rows_out == 0 || src_ranks_out == 0 || src_tokens_out == 0)
+      detail::fail(m, "rows_out, src_ranks_out or src_tokens_out is null");
     if (count > log_capacity)
       detail::fail(m, "log_capacity " + std::to_string(log_capacity) + " < " + std::to_string(count) + " copies");
   }
