@@ -51,6 +51,7 @@ def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_
     """
     from dispatch import _C
     from dispatch.host.memory import host_empty
+    from dispatch.host.movers import mover_args
 
     L, k = ranks_per_node, topk
     gen = torch.Generator().manual_seed(seed)
@@ -76,17 +77,25 @@ def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_
     log = torch.empty(3, n, dtype=torch.int32)
     scale_ptr = scales.data_ptr() if scale_cols else 0
 
+    pack_args = mover_args(_C.PackRecordsArgs, out_bytes=n * record.bytes, layout=record, x=x.data_ptr(),
+                           num_tokens=num_tokens, scales=scale_ptr, topk_idx=topk_idx.data_ptr() if k else 0,
+                           topk_weights=topk_weights.data_ptr() if k else 0, src_rank=0, token_ids=tokens.data_ptr(),
+                           dst_rows=dst_rows.data_ptr(), num_records=n)
+    unpack_args = mover_args(_C.UnpackRecordsArgs, layout=record, num_records=n, local_rank=0, num_recv_rows=n,
+                             recv_scales=recv_scales.data_ptr() if scale_cols else 0,
+                             recv_topk_idx=recv_idx.data_ptr() if k else 0, recv_topk_weights=recv_w.data_ptr() if k else 0,
+                             expert_begin=0, experts_per_rank=8, rows_out=log[0].data_ptr(),
+                             src_ranks_out=log[1].data_ptr(), src_tokens_out=log[2].data_ptr(), log_capacity=n)
+
     def pack() -> None:
         for c in range(chunks):
-            _C.pack_records(staging[c].data_ptr(), record, x.data_ptr(), scale_ptr, topk_idx.data_ptr() if k else 0,
-                            topk_weights.data_ptr() if k else 0, 0, tokens.data_ptr(), dst_rows.data_ptr(), n, 1)
+            pack_args.out = staging[c].data_ptr()
+            _C.pack_records(pack_args, 1)
 
     def unpack() -> None:
         for c in range(chunks):
-            _C.unpack_records(staging[c].data_ptr(), record, n, 0, recv_x[c].data_ptr(),
-                              recv_scales.data_ptr() if scale_cols else 0, recv_idx.data_ptr() if k else 0,
-                              recv_w.data_ptr() if k else 0, 0, 8, log[0].data_ptr(), log[1].data_ptr(),
-                              log[2].data_ptr(), 1)
+            unpack_args.chunk, unpack_args.recv_x = staging[c].data_ptr(), recv_x[c].data_ptr()
+            _C.unpack_records(unpack_args, 1)
 
     moved = chunks * n
     speeds = {"pack": moved * record.bytes / _cpu_seconds(pack, reps)}
@@ -104,10 +113,14 @@ def mover_speeds(hidden: int, topk: int, ranks_per_node: int, dtype: str, chunk_
     slots = max(L, -(-working_set_bytes // (n * return_layout.bytes)))
     returns = host_empty((slots, n * return_layout.bytes), torch.uint8, zero=True)
 
+    gather_args = mover_args(_C.GatherReturnRowsArgs, out_bytes=n * return_layout.bytes, layout=return_layout,
+                             x=y.data_ptr(), num_x_rows=num_tokens, weights=y_weights.data_ptr() if k else 0,
+                             rows=tokens.data_ptr(), num_rows=n)
+
     def gather() -> None:
         for c in range(slots):
-            _C.gather_return_rows(returns[c].data_ptr(), return_layout, y.data_ptr(),
-                                  y_weights.data_ptr() if k else 0, tokens.data_ptr(), n, 1)
+            gather_args.out = returns[c].data_ptr()
+            _C.gather_return_rows(gather_args, 1)
 
     speeds["gather"] = slots * n * return_layout.bytes / _cpu_seconds(gather, reps)
     groups = slots // L

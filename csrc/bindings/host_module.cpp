@@ -139,45 +139,69 @@ PYBIND11_MODULE(_C, m) {
   m.attr("DTYPE_CODES") = dtype_codes;
   m.def("plan_dispatch_sends", &plan_entry, nogil);
 
+  // The movers take argument structs; a bad argument raises ValueError naming the field before any
+  // byte moves.
+  py::class_<PackRecordsArgs>(m, "PackRecordsArgs")
+      .def(py::init<>())
+      .def_readwrite("out", &PackRecordsArgs::out)
+      .def_readwrite("out_bytes", &PackRecordsArgs::out_bytes)
+      .def_readwrite("layout", &PackRecordsArgs::layout)
+      .def_readwrite("x", &PackRecordsArgs::x)
+      .def_readwrite("num_tokens", &PackRecordsArgs::num_tokens)
+      .def_readwrite("scales", &PackRecordsArgs::scales)
+      .def_readwrite("topk_idx", &PackRecordsArgs::topk_idx)
+      .def_readwrite("topk_weights", &PackRecordsArgs::topk_weights)
+      .def_readwrite("src_rank", &PackRecordsArgs::src_rank)
+      .def_readwrite("token_ids", &PackRecordsArgs::token_ids)
+      .def_readwrite("dst_rows", &PackRecordsArgs::dst_rows)
+      .def_readwrite("num_records", &PackRecordsArgs::num_records)
+      .def("check", &PackRecordsArgs::check);
   m.def(
-      "pack_records",
-      [](uintptr_t out, const RecordLayout& layout, uintptr_t x, uintptr_t scales, uintptr_t topk_idx,
-         uintptr_t topk_weights, int src_rank, uintptr_t token_ids, uintptr_t dst_rows, int64_t num_records,
-         int num_threads) {
-        const TokenSource source{as_ptr<const uint8_t>(x), as_ptr<const uint8_t>(scales),
-                                 as_ptr<const int64_t>(topk_idx), as_ptr<const float>(topk_weights), src_rank};
-        pack_records(as_ptr<uint8_t>(out), layout, source, as_ptr<const int32_t>(token_ids),
-                     as_ptr<const int32_t>(dst_rows), num_records, num_threads);
-      },
-      nogil);
+      "pack_records", [](const PackRecordsArgs& args, int num_threads) { dispatch::host::pack_records(args, num_threads); },
+      py::arg("args"), py::arg("num_threads"), nogil);
+  py::class_<UnpackRecordsArgs>(m, "UnpackRecordsArgs")
+      .def(py::init<>())
+      .def_readwrite("chunk", &UnpackRecordsArgs::chunk)
+      .def_readwrite("layout", &UnpackRecordsArgs::layout)
+      .def_readwrite("num_records", &UnpackRecordsArgs::num_records)
+      .def_readwrite("local_rank", &UnpackRecordsArgs::local_rank)
+      .def_readwrite("recv_x", &UnpackRecordsArgs::recv_x)
+      .def_readwrite("num_recv_rows", &UnpackRecordsArgs::num_recv_rows)
+      .def_readwrite("recv_scales", &UnpackRecordsArgs::recv_scales)
+      .def_readwrite("recv_topk_idx", &UnpackRecordsArgs::recv_topk_idx)
+      .def_readwrite("recv_topk_weights", &UnpackRecordsArgs::recv_topk_weights)
+      .def_readwrite("expert_begin", &UnpackRecordsArgs::expert_begin)
+      .def_readwrite("experts_per_rank", &UnpackRecordsArgs::experts_per_rank)
+      .def_readwrite("rows_out", &UnpackRecordsArgs::rows_out)
+      .def_readwrite("src_ranks_out", &UnpackRecordsArgs::src_ranks_out)
+      .def_readwrite("src_tokens_out", &UnpackRecordsArgs::src_tokens_out)
+      .def_readwrite("log_capacity", &UnpackRecordsArgs::log_capacity)
+      .def("check", &UnpackRecordsArgs::check);
   m.def(
       "unpack_records",
-      [](uintptr_t chunk, const RecordLayout& layout, int64_t num_records, int local_rank, uintptr_t recv_x,
-         uintptr_t recv_scales, uintptr_t recv_topk_idx, uintptr_t recv_topk_weights, int64_t expert_begin,
-         int64_t experts_per_rank, uintptr_t rows_out, uintptr_t src_ranks_out, uintptr_t src_tokens_out,
-         int num_threads) {
-        const ReceiveTarget target{as_ptr<uint8_t>(recv_x), as_ptr<uint8_t>(recv_scales),
-                                   as_ptr<int64_t>(recv_topk_idx), as_ptr<float>(recv_topk_weights), expert_begin,
-                                   experts_per_rank};
-        return unpack_records(as_ptr<const uint8_t>(chunk), layout, num_records, local_rank, target,
-                              as_ptr<int32_t>(rows_out), as_ptr<int32_t>(src_ranks_out),
-                              as_ptr<int32_t>(src_tokens_out), num_threads);
-      },
-      nogil);
+      [](const UnpackRecordsArgs& args, int num_threads) { return dispatch::host::unpack_records(args, num_threads); },
+      py::arg("args"), py::arg("num_threads"), nogil);
   m.def(
       "copy_dst_rows",
       [](uintptr_t chunk, const RecordLayout& layout, int64_t num_records, uintptr_t out) {
         copy_dst_rows(as_ptr<const uint8_t>(chunk), layout, num_records, as_ptr<int32_t>(out));
       },
       nogil);
+  py::class_<GatherReturnRowsArgs>(m, "GatherReturnRowsArgs")
+      .def(py::init<>())
+      .def_readwrite("out", &GatherReturnRowsArgs::out)
+      .def_readwrite("out_bytes", &GatherReturnRowsArgs::out_bytes)
+      .def_readwrite("layout", &GatherReturnRowsArgs::layout)
+      .def_readwrite("x", &GatherReturnRowsArgs::x)
+      .def_readwrite("num_x_rows", &GatherReturnRowsArgs::num_x_rows)
+      .def_readwrite("weights", &GatherReturnRowsArgs::weights)
+      .def_readwrite("rows", &GatherReturnRowsArgs::rows)
+      .def_readwrite("num_rows", &GatherReturnRowsArgs::num_rows)
+      .def("check", &GatherReturnRowsArgs::check);
   m.def(
       "gather_return_rows",
-      [](uintptr_t out, const ReturnRowLayout& layout, uintptr_t x, uintptr_t weights, uintptr_t rows,
-         int64_t num_rows, int num_threads) {
-        gather_return_rows(as_ptr<uint8_t>(out), layout, as_ptr<const uint8_t>(x), as_ptr<const float>(weights),
-                           as_ptr<const int32_t>(rows), num_rows, num_threads);
-      },
-      nogil);
+      [](const GatherReturnRowsArgs& args, int num_threads) { dispatch::host::gather_return_rows(args, num_threads); },
+      py::arg("args"), py::arg("num_threads"), nogil);
   py::class_<ReduceChunkArgs>(m, "ReduceChunkArgs")
       .def(py::init<>())
       .def_readwrite("dst_rows", &ReduceChunkArgs::dst_rows)

@@ -23,7 +23,7 @@ import torch
 
 from .. import _C
 from ..topology import Topology
-from .movers import ptr, timed
+from .movers import mover_args, ptr, timed
 from .node_link import RETURN_SLOTS, NodeLink
 from .plan import HostHandle, stream_chunks
 from .progress import drive, first_behind, first_waited
@@ -80,6 +80,9 @@ class Returner:
             for q in range(L)]
         self.base = [node.load(node.return_published(local, q)) for q in range(L)]
         self.next = [0] * L
+        d = mover.data
+        self.gather_args = mover_args(_C.GatherReturnRowsArgs, out_bytes=node.slot_bytes, layout=d.return_layout,
+                                      x=d.x.data_ptr(), num_x_rows=d.x.shape[0], weights=ptr(d.weights))
 
     def step(self) -> bool:
         m, node, local = self.mover, self.mover.node, self.mover.topo.local_rank
@@ -91,9 +94,10 @@ class Returner:
                 if position - node.load(node.return_consumed(local, q)) >= RETURN_SLOTS:
                     break
                 rows = chunks[self.next[q]]
-                timed("combine.node_copy", rows.numel() * d.return_layout.bytes, _C.gather_return_rows,
-                      node.return_slot(local, q, position), d.return_layout, d.x.data_ptr(), ptr(d.weights),
-                      rows.data_ptr(), rows.numel(), m.num_threads)
+                args = self.gather_args
+                args.out, args.rows, args.num_rows = node.return_slot(local, q, position), rows.data_ptr(), rows.numel()
+                timed("combine.node_copy", rows.numel() * d.return_layout.bytes, _C.gather_return_rows, args,
+                      m.num_threads)
                 node.store(node.return_published(local, q), position + 1)
                 node.ring(q)
                 self.next[q] += 1

@@ -20,7 +20,7 @@ import torch
 
 from .. import _C
 from ..topology import Topology
-from .movers import ptr, timed
+from .movers import mover_args, ptr, timed
 from .node_link import OUTBOX_SLOTS, NodeLink
 from .plan import Chunk, SendPlan, stream_chunks
 from .progress import drive, first_behind, first_waited
@@ -88,6 +88,22 @@ class _Mover:
     num_threads: int
 
 
+def _pack_args(m: _Mover) -> "_C.PackRecordsArgs":
+    """The fields of pack_records that stay the same for every chunk of one dispatch."""
+    p = m.payload
+    return mover_args(_C.PackRecordsArgs, layout=m.record, x=p.x.data_ptr(), num_tokens=p.x.shape[0],
+                      scales=ptr(p.scales), topk_idx=ptr(p.topk_idx), topk_weights=ptr(p.topk_weights),
+                      src_rank=m.topo.rank)
+
+
+def _pack(m: _Mover, args: "_C.PackRecordsArgs", kernel: str, out: int, out_bytes: int, tokens: torch.Tensor,
+          dst_rows: torch.Tensor, count: int) -> None:
+    """Packs ``count`` records (tokens, dst_rows: this chunk's slices) into ``out``."""
+    args.out, args.out_bytes, args.num_records = out, out_bytes, count
+    args.token_ids, args.dst_rows = tokens.data_ptr(), dst_rows.data_ptr()
+    timed(kernel, count * m.record.bytes, _C.pack_records, args, m.num_threads)
+
+
 class RailSender:
     """This rank's chunk stream to one remote node, through its send slots of the rail staging."""
 
@@ -98,6 +114,7 @@ class RailSender:
         self.tokens = tokens
         self.dst_rows = dst_rows
         self.chunks = stream_chunks(tokens.numel(), mover.chunk_records)
+        self.pack_args = _pack_args(mover)
         self.staging = staging
         self.works: List[Optional[Pending]] = [None] * len(staging)
         self.next_chunk = 0
@@ -116,9 +133,8 @@ class RailSender:
             begin = self.next_chunk * m.chunk_records
             count = self.chunks[self.next_chunk]
             buffer = self.staging[slot]
-            timed("dispatch.pack_rail", count * m.record.bytes, _C.pack_records, buffer.data_ptr(), m.record,
-                  m.payload.x.data_ptr(), ptr(m.payload.scales), ptr(m.payload.topk_idx), ptr(m.payload.topk_weights),
-                  m.topo.rank, self.tokens[begin:].data_ptr(), self.dst_rows[begin:].data_ptr(), count, m.num_threads)
+            _pack(m, self.pack_args, "dispatch.pack_rail", buffer.data_ptr(), buffer.numel(), self.tokens[begin:],
+                  self.dst_rows[begin:], count)
             self.works[slot] = m.rail.isend(buffer[:count * m.record.bytes], self.peer, self.next_chunk)
             self.next_chunk += 1
             progressed = True
@@ -141,6 +157,7 @@ class OutboxFiller:
         self.schedule = schedule
         self.own_tokens = own_tokens
         self.own_dst_rows = own_dst_rows
+        self.pack_args = _pack_args(mover)
         self.record_begin = [0]
         for _, _, count in schedule:
             self.record_begin.append(self.record_begin[-1] + count)
@@ -188,9 +205,8 @@ class OutboxFiller:
             self.receiving[index] = m.rail.irecv(m.node.view(address, count * m.record.bytes), src, chunk)
             return
         begin = chunk * m.chunk_records
-        timed("dispatch.pack_node", count * m.record.bytes, _C.pack_records, address, m.record, m.payload.x.data_ptr(),
-              ptr(m.payload.scales), ptr(m.payload.topk_idx), ptr(m.payload.topk_weights), m.topo.rank,
-              self.own_tokens[begin:].data_ptr(), self.own_dst_rows[begin:].data_ptr(), count, m.num_threads)
+        _pack(m, self.pack_args, "dispatch.pack_node", address, m.node.slot_bytes, self.own_tokens[begin:],
+              self.own_dst_rows[begin:], count)
         if self.outbox_dst_rows is not None:
             self.outbox_dst_rows[self.record_begin[index]:self.record_begin[index + 1]] = \
                 self.own_dst_rows[begin:begin + count]
@@ -220,6 +236,13 @@ class Placer:
         self.rows_buf = torch.empty(max(1, max_records), dtype=torch.int32)
         self.src_rank_buf = torch.empty_like(self.rows_buf)
         self.src_token_buf = torch.empty_like(self.rows_buf)
+        self.unpack_args = mover_args(
+            _C.UnpackRecordsArgs, layout=mover.record, local_rank=local, recv_x=recv.x.data_ptr(),
+            num_recv_rows=recv.x.shape[0], recv_scales=ptr(recv.scales), recv_topk_idx=ptr(recv.topk_idx),
+            recv_topk_weights=ptr(recv.topk_weights), expert_begin=recv.expert_begin,
+            experts_per_rank=recv.experts_per_rank, rows_out=self.rows_buf.data_ptr(),
+            src_ranks_out=self.src_rank_buf.data_ptr(), src_tokens_out=self.src_token_buf.data_ptr(),
+            log_capacity=self.rows_buf.numel())
         self.routes: Optional[DispatchRoutes] = None
         if num_recv_rows is not None:
             self.routes = DispatchRoutes(torch.empty(0, L, dtype=torch.int32), [[] for _ in range(L)],
@@ -228,7 +251,7 @@ class Placer:
 
     def step(self) -> bool:
         m, node, local = self.mover, self.mover.node, self.mover.topo.local_rank
-        recv, rb = self.recv, self.mover.record.bytes
+        rb = self.mover.record.bytes
         progressed = False
         for j, producer_schedule in enumerate(self.schedules):
             if self.read_next[j] == len(producer_schedule):
@@ -237,11 +260,9 @@ class Placer:
             while self.read_next[j] < min(available, len(producer_schedule)):
                 _, _, count = producer_schedule[self.read_next[j]]
                 position = self.read_base[j] + self.read_next[j]
-                received = timed("dispatch.node_copy", lambda n: n * rb, _C.unpack_records,
-                                 node.outbox_slot(j, position), m.record, count, local, recv.x.data_ptr(),
-                                 ptr(recv.scales), ptr(recv.topk_idx), ptr(recv.topk_weights),
-                                 recv.expert_begin, recv.experts_per_rank, self.rows_buf.data_ptr(),
-                                 self.src_rank_buf.data_ptr(), self.src_token_buf.data_ptr(), m.num_threads)
+                args = self.unpack_args
+                args.chunk, args.num_records = node.outbox_slot(j, position), count
+                received = timed("dispatch.node_copy", lambda n: n * rb, _C.unpack_records, args, m.num_threads)
                 node.store(node.outbox_acked(j, local), position + 1)
                 node.ring(j)
                 self.read_next[j] += 1

@@ -1,5 +1,5 @@
 """Calling the C++ movers (``dispatch._C``) from the event loops: addresses of optional tensors,
-and the per-worker records of ``dispatch.profile``."""
+their argument structs, and the per-worker records of ``dispatch.profile``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,22 @@ from .. import profile as _profile
 def ptr(tensor: Optional[torch.Tensor]) -> int:
     """``tensor.data_ptr()``, or 0 (the movers' "absent") for None."""
     return 0 if tensor is None else tensor.data_ptr()
+
+
+def mover_args(kind: type, **fields: Any) -> Any:
+    """An argument struct of a mover (``_C.PackRecordsArgs`` ...) with the given fields set.
+
+    Args:
+        kind: the struct's class.
+        fields: its fields by name (a wrong name raises AttributeError).
+
+    Returns:
+        The struct; the mover checks it (ValueError naming the field) before moving a byte.
+    """
+    args = kind()
+    for name, value in fields.items():
+        setattr(args, name, value)
+    return args
 
 
 def timed(kernel: str, num_bytes: Union[int, Callable[[Any], int]], fn: Callable[..., Any], *args: Any) -> Any:
