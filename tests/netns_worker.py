@@ -3,8 +3,10 @@
 ``LOCAL_WORLD_SIZE``, so ``Buffer`` groups the ranks by host name.
 
 Prints ``R<rank> NODES <num_ranks_per_node>``, then ``R<rank> EXACT <rounds>`` after bit-exact
-dispatch + combine rounds; with ``KEEP_GOING`` it goes on calling until an error and prints
-``R<rank> BLAMED <rank> <seconds since the last good call> <message>``.
+dispatch + combine rounds (and, with ``READY_DIR``, creates the file ``R<rank>`` there); with
+``KEEP_GOING`` it goes on calling until an error and prints
+``R<rank> BLAMED <rank> <seconds since the last good call> <message>``, then ``R<rank> EXITING``
+once ``destroy()`` returned.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ def main() -> None:
             i += 1
             if i == rounds:
                 say(f"R{rank} EXACT {i}")
+                if os.environ.get("READY_DIR"):  # the test cuts the link once every rank is here
+                    open(os.path.join(os.environ["READY_DIR"], f"R{rank}"), "w").close()
     except dispatch.PeerTimeoutError as error:
         say(f"R{rank} BLAMED {error.rank} {time.monotonic() - last_good:.1f} {error}")
     buf.destroy()
+    say(f"R{rank} EXITING")
 
 
 if __name__ == "__main__":

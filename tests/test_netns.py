@@ -1,8 +1,8 @@
 """Two real hosts, emulated: Linux network namespaces joined by a veth pair, each with its own
 host name (UTS namespace) and its own /dev/shm (mount namespace), two ranks per host, gloo over
 real TCP between test-only private addresses. Without LOCAL_WORLD_SIZE the Buffer groups ranks
-by host name, and dispatch + combine are bit-exact. (The link cut of issue 12 item 9 is not
-here yet: see Hosts.cut and the report of branch cpu-reliability.)
+by host name, and dispatch + combine are bit-exact. When the link between the hosts is cut
+mid-loop, every rank raises naming a rank across the cut, and every process exits.
 
 Needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN); skipped, saying so, where namespaces cannot be made.
 """
@@ -106,36 +106,70 @@ def hosts():
         h.close()
 
 
-def _run_hosts(hosts: Hosts, extra_env: dict, cut_after_s: float = 0.0, timeout_s: float = 240.0):
-    """Runs ranks 0-1 on host a and 2-3 on host b; with ``cut_after_s``, cuts the link then."""
+def _run_hosts(hosts: Hosts, extra_env: dict, ready_dir: str = "", timeout_s: float = 240.0):
+    """Runs ranks 0-1 on host a and 2-3 on host b. With ``ready_dir``, cuts the link once every
+    rank has created its file there (after its exact rounds); returns (exit code, stdout,
+    stderr, seconds from the cut to the host's exit) per host."""
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_WORLD_SIZE", "LOCAL_RANK")}
     env.update(WORLD_SIZE="4", MASTER_ADDR=hosts.addr[0], MASTER_PORT="29512", OMP_NUM_THREADS="1", **extra_env)
+    if ready_dir:
+        env["READY_DIR"] = ready_dir
     procs = [hosts.launch(0, [0, 1], env), hosts.launch(1, [2, 3], env)]
-    if cut_after_s:
-        # cut once every rank has finished its exact rounds (their lines are buffered per host,
-        # so wait on time instead): start-up is slow on a loaded machine
-        time.sleep(cut_after_s)
-        hosts.cut()
+    deadline = time.monotonic() + timeout_s
+    cut_at = None
+    if ready_dir:
+        while len(os.listdir(ready_dir)) < 4 and time.monotonic() < deadline:
+            if any(proc.poll() is not None for proc in procs):
+                break  # a host failed before the cut: its output says why
+            time.sleep(0.05)
+        if len(os.listdir(ready_dir)) == 4:
+            hosts.cut()
+            cut_at = time.monotonic()
     out = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-        out.append((proc.returncode, stdout, stderr))
+        stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        out.append((proc.returncode, stdout, stderr, None if cut_at is None else time.monotonic() - cut_at))
     return out
 
 
 def _lines(out, word):
     found = {}
-    for _, stdout, _ in out:
+    for _, stdout, _, _ in out:
         for line in stdout.splitlines():
-            m = re.match(rf"R(\d+) {word} (.*)", line)
+            m = re.match(rf"R(\d+) {word}(?: (.*))?$", line)
             if m:
                 found[int(m.group(1))] = m.group(2)
     return found
 
 
+def _detail(out) -> str:
+    return "\n".join(f"host {i}: rc={rc}\n{so}\n{se[-1500:]}" for i, (rc, so, se, _) in enumerate(out))
+
+
 def test_two_hosts_exact_and_grouped_by_host_name(hosts):
     out = _run_hosts(hosts, {"ROUNDS": "3"})
-    detail = "\n".join(f"host {i}: rc={rc}\n{so}\n{se[-1500:]}" for i, (rc, so, se) in enumerate(out))
-    assert all(rc == 0 for rc, _, _ in out), detail
+    detail = _detail(out)
+    assert all(rc == 0 for rc, _, _, _ in out), detail
     assert _lines(out, "NODES") == {r: "2" for r in range(4)}, detail
     assert _lines(out, "EXACT") == {r: "3" for r in range(4)}, detail
+
+
+def test_link_cut_every_rank_raises_naming_a_rank_across_the_cut(hosts, tmp_path):
+    """The link between the hosts goes down mid-loop (no reset reaches either side): every rank
+    raises PeerTimeoutError within its timeout plus the grace a live peer gets, naming a rank on
+    the other host, destroy() returns, and every process exits 0 (none is left behind)."""
+    out = _run_hosts(hosts, {"ROUNDS": "2", "KEEP_GOING": "1"}, ready_dir=str(tmp_path), timeout_s=300.0)
+    detail = _detail(out)
+    assert all(seconds is not None for *_, seconds in out), f"no cut: a host exited first\n{detail}"
+    assert all(rc == 0 for rc, _, _, _ in out), detail
+    blamed = _lines(out, "BLAMED")
+    assert sorted(blamed) == [0, 1, 2, 3], detail
+    for rank, line in blamed.items():
+        culprit, seconds = int(line.split()[0]), float(line.split()[1])
+        other_host = (2, 3) if rank < 2 else (0, 1)
+        assert culprit in other_host, f"rank {rank} blamed {culprit}\n{detail}"
+        # notify waits 1.25 x timeout + 1 s, a live peer gets half a timeout more
+        assert seconds < 2.5 * TIMEOUT_S, f"rank {rank} raised {seconds} s after its last good call\n{detail}"
+    assert sorted(_lines(out, "EXITING")) == [0, 1, 2, 3], detail
+    for _, _, _, seconds in out:
+        assert seconds < 4 * TIMEOUT_S, detail
