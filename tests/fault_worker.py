@@ -12,6 +12,16 @@ Modes:
     uneven-agents: ``LOCAL_WORLD_SIZE`` is 3 on ranks 0-2 and 1 on rank 3 (two torchrun agents
         of 3 + 1 processes); ``Buffer()`` must raise ``ValueError`` on every rank (printing
         ``VALUEERROR <seconds> <message>``).
+    group-first: on a 2x2 cluster, after a dispatch, the program destroys the process groups
+        while its Buffer is alive (its rail has the abort channel's receives posted) and exits,
+        printing ``DONE <seconds>``; the exit hook must still close the rail cleanly.
+
+torch 2.13 itself aborts now and then when a process exits right after a gloo collective: its
+gloo worker thread frees the finished all-gather (``AsyncAllgatherWork``'s tensors), which takes
+the GIL while the interpreter finalizes ("terminate called without an active exception", thread
+``pt_gloo_runloop``, seen in gdb; 14 of 256 exits of a bare 4-rank all-gather program here,
+2026-12-04). ``uneven-agents`` exits right after the constructor's all-gather, so it waits a
+moment first; that abort would otherwise read as a fault of ours.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch.distributed as dist  # noqa: E402
 import dispatch  # noqa: E402
 
 STAY_S = 1.0
+TORCH_EXIT_PAUSE_S = 0.5  # see the module docstring
 TIMEOUT_S = 2.0
 
 
@@ -84,6 +95,16 @@ def uneven_agents(rank: int) -> None:
         print("NO-ERROR", flush=True)
     except ValueError as error:
         print(f"VALUEERROR {time.monotonic() - start:.2f} {error}", flush=True)
+    time.sleep(TORCH_EXIT_PAUSE_S)
+
+
+def destroy_group_first(rank: int) -> None:
+    buf = dispatch.Buffer(dist.group.WORLD, num_ranks_per_node=2, timeout_s=TIMEOUT_S)
+    x, topk_idx = _inputs(rank, 8)
+    buf.dispatch(x, topk_idx=topk_idx, num_experts=8)
+    start = time.monotonic()
+    dist.destroy_process_group()
+    print(f"DONE {time.monotonic() - start:.2f}", flush=True)
 
 
 def main() -> None:
@@ -96,6 +117,8 @@ def main() -> None:
         kill_mid_stream(rank, int(mode.split("-")[1]))
     elif mode == "uneven-agents":
         uneven_agents(rank)
+    elif mode == "group-first":
+        destroy_group_first(rank)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

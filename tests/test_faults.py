@@ -68,6 +68,17 @@ def test_timed_out_process_exits_cleanly(mode):
     assert leaked_shm(before) == []
 
 
+def test_destroying_the_group_before_the_buffer_exits_cleanly():
+    """A program that destroys its process groups while a Buffer is alive: the rail's abort
+    channel still has receives posted, and the exit hook must end them (no abort at exit)."""
+    for attempt in range(2):
+        results = _run_programs("group-first")
+        for rank, (code, stdout, stderr) in enumerate(results):
+            where = f"attempt {attempt}, rank {rank}"
+            assert code == 0, f"{where}: exit code {code}\n{stderr[-2000:]}"
+            assert "terminate called" not in stderr and "DONE" in stdout, f"{where}: {stdout!r} {stderr[-1000:]}"
+
+
 def test_uneven_agents_fail_fast():
     """Two torchrun agents of 3 + 1 processes: LOCAL_WORLD_SIZE differs, so every rank (the
     lone one too) raises ValueError naming num_ranks_per_node at once, and exits."""
@@ -157,6 +168,84 @@ def test_every_survivor_blames_the_killed_rank():
                 assert res["seconds"] < 30, f"attempt {attempt}, rank {rank}: {res}"
             cluster.mark_broken()
     assert leaked_shm(before) == []
+
+
+def _job_messenger_carries_the_origin(ctx, messenger, origin, timeout_s):
+    """``messenger`` gives up blaming ``origin`` exactly as a failed call does (records it in its
+    node's failure word, announces it on the rail's abort channel); then every rank dispatches.
+    Returns (blamed rank, seconds until the error) per rank."""
+    import dispatch
+    from dispatch.errors import PeerTimeoutError
+
+    buf = dispatch.Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node, timeout_s=timeout_s)
+    x = torch.randn(8, 16)
+    topk = make_routing(gen(3, ctx.rank), 8, 2 * ctx.world_size, 2, ctx.world_size, ctx.ranks_per_node, "random", 0.0)
+    buf.dispatch(x, topk_idx=topk, num_experts=2 * ctx.world_size)  # every link works
+    torch.distributed.barrier(ctx.group)  # and every rank is out of that call
+    if ctx.rank == messenger:
+        backend = buf._backend
+        backend.node.failures.settle(PeerTimeoutError(origin, "was seen to fail (test)"))
+        backend.rail.announce_abort(origin)
+    start = time.monotonic()
+    try:
+        buf.dispatch(x, topk_idx=topk, num_experts=2 * ctx.world_size)
+        blamed = None
+    except dispatch.PeerTimeoutError as error:
+        blamed = error.rank
+    seconds = time.monotonic() - start
+    buf.destroy()
+    return blamed, seconds
+
+
+@pytest.mark.parametrize("nodes,ranks_per_node", [(2, 2), (3, 2)])
+def test_the_origin_crosses_nodes_on_the_abort_channel(cluster_factory, nodes, ranks_per_node):
+    """Rank 0 gave up on its node-mate 1 and then stays silent: ranks of the other nodes used to
+    wait out the timeout and name rank 0, the messenger. The abort channel carries the origin:
+    every rank names rank 1 at once (node 1's rank 2 hears it from its rail peer 0; rank 3
+    reads it in its node's failure word; with 3 nodes, node 2 hears it the same way)."""
+    timeout_s = 20.0
+    results = cluster_factory(nodes, ranks_per_node).run(_job_messenger_carries_the_origin, 0, 1, timeout_s,
+                                                          timeout_s=120)
+    for rank, (blamed, seconds) in enumerate(results):
+        assert blamed == 1, f"rank {rank} blamed {blamed} after {seconds:.1f} s"
+        assert seconds < timeout_s / 4, f"rank {rank} took {seconds:.1f} s"
+
+
+def _job_destroy_says_goodbye(ctx, lone_rank):
+    """Everyone destroys a buffer together, then ``lone_rank`` destroys a second buffer alone
+    (the others a moment later): returns the seconds each destroy took and whether the abort
+    channel's receives ended with the peers' goodbyes (no socket shut down)."""
+    import dispatch
+
+    L = ctx.ranks_per_node
+    out = {}
+    for name in ("together", "lone"):
+        buf = dispatch.Buffer(ctx.group, num_ranks_per_node=L, timeout_s=10.0)
+        x = torch.randn(8, 16)
+        topk = make_routing(gen(5, ctx.rank), 8, 2 * ctx.world_size, 2, ctx.world_size, L, "random", 0.0)
+        buf.dispatch(x, topk_idx=topk, num_experts=2 * ctx.world_size)
+        rail = buf._backend.rail
+        receives = list(rail._abort_receives.values())
+        torch.distributed.barrier(ctx.group)
+        if name == "lone" and ctx.rank != lone_rank:
+            time.sleep(3.0)
+        start = time.monotonic()
+        buf.destroy()
+        out[name] = (time.monotonic() - start, len(receives),
+                     all(p.finished and p.error is None for p in receives))
+    return out
+
+
+def test_destroy_ends_the_abort_channel_with_goodbyes(cluster_factory):
+    """A collective destroy ends every abort-channel receive with the peers' goodbye word, fast;
+    a rank destroying alone waits a second at most for goodbyes that do not come, then shuts its
+    rail down; the others' destroys later still return."""
+    results = cluster_factory(2, 2).run(_job_destroy_says_goodbye, 0, timeout_s=120)
+    for rank, out in enumerate(results):
+        seconds, receives, goodbyes = out["together"]
+        assert receives == 1 and goodbyes, f"rank {rank}: {out}"
+        assert seconds < 1.0, f"rank {rank}: {out}"
+        assert out["lone"][0] < 3.0, f"rank {rank}: {out}"
 
 
 # ----------------------------------------------------------------------------------------------

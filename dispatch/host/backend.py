@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
@@ -22,6 +23,7 @@ from .memory import host_empty
 from .movers import ptr
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
+from .progress import LIVE_PEER_GRACE_FRACTION
 from .rail_link import RailLink
 from .rail_staging import RailStaging
 
@@ -31,6 +33,9 @@ DEFAULT_RDMA_BYTES = 512 << 20
 MAX_CHUNK_RECORDS = 4096
 OP_DISPATCH, OP_CACHED_DISPATCH, OP_COMBINE = 1, 2, 3
 
+# How often a failed call looks for the origin while it waits on a messenger's abort word.
+_MESSENGER_POLL_S = 0.005
+
 _Method = TypeVar("_Method", bound=Callable)
 
 
@@ -39,14 +44,23 @@ def _blame_first_failure(method: _Method) -> _Method:
 
     @functools.wraps(method)
     def wrapper(self: "HostBackend", *args, **kwargs):
-        failures = self.node.failures
+        failures, rail = self.node.failures, self.rail
         origin = failures.origin()
         if origin is not None:
+            rail.announce_abort(origin)
             raise PeerTimeoutError(origin, "failed in an earlier call: this Buffer is unusable, create a new one")
         try:
             return method(self, *args, **kwargs)
         except PeerTimeoutError as error:
-            raise failures.settle(error)
+            # A rail peer that left or stalled may have been a messenger: its abort word names the
+            # origin (a dead peer ends the wait at once: its connection fails).
+            deadline = time.monotonic() + LIVE_PEER_GRACE_FRACTION * self.timeout_s
+            while (failures.origin() is None and not rail.abort_heard_from(error.rank)
+                   and time.monotonic() < deadline):
+                time.sleep(_MESSENGER_POLL_S)
+            error = failures.settle(error)
+            rail.announce_abort(error.rank)
+            raise error
 
     return wrapper  # type: ignore[return-value]
 
@@ -94,6 +108,7 @@ class HostBackend:
                              nt.notify_words(topo.num_ranks, topo.num_nodes))
         self.rail = RailLink(group, topo, timeout_s)
         self.rail.on_complete = self.node.ring_self
+        self.rail.listen_for_aborts(self.node.record_failure)
         self.staging = RailStaging(topo.num_nodes - 1, num_rdma_bytes or DEFAULT_RDMA_BYTES)
         self.rdma_slot_bytes = self.staging.slot_bytes
         self._seq = 0

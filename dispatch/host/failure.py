@@ -8,10 +8,12 @@ first rank of a node to give up records whom it blames in the node segment's *fa
 the node; every stalled loop pass of the node reads it for free and gives up naming the same
 rank. Once a failure is recorded, the buffer is dead on that node: later calls raise at once.
 
-Not shared across nodes: a store-based board was tried and removed, because a store read over a
-silently cut link blocks in the TCP stack for minutes, which would turn a timeout into a hang.
-A rank whose only news comes over the rail from another node names that rail peer when the
-node that saw the failure had no failure word to share with it.
+Across nodes the word travels over the rail's abort channel (rail_link.py): a rank whose call
+failed sends its rail peers the rank it blames, and each records it in its own node's word,
+whence its node-mates read it and pass it on along their rails. A rank that hears of a failure
+only as a rail peer leaving therefore waits (half a timeout at most) for that peer's word
+before naming anyone. (A store-based board was tried and removed: a store read over a silently
+cut link blocks in the TCP stack for minutes, which would turn a timeout into a hang.)
 """
 
 from __future__ import annotations
@@ -49,16 +51,24 @@ class FailureBoard:
         """Records ``error.rank`` as the first failure unless one is known; returns the error to
         raise, naming the first failure."""
         origin = self.origin()
-        if origin is None and error.rank >= 0 and not self._closed:
-            held = _C.atomic_compare_exchange(self._word, 0, error.rank + 1)
-            origin = error.rank if held == 0 else int(held) - 1
-            self._origin = origin
-            self._ring_node()
+        if origin is None and error.rank >= 0:
+            origin = self.record(error.rank)
         if origin is None or origin == error.rank:
             return error
         first = PeerTimeoutError(origin, "failed first; this rank stopped waiting for the ranks it left behind")
         first.__cause__ = error
         return first
+
+    def record(self, rank: int) -> Optional[int]:
+        """Records ``rank`` as the first failure unless one is known, waking the node; returns
+        the first failure (``rank`` or an earlier record), None once closed."""
+        origin = self.origin()
+        if origin is not None or self._closed:
+            return origin
+        held = _C.atomic_compare_exchange(self._word, 0, rank + 1)
+        self._origin = rank if held == 0 else int(held) - 1
+        self._ring_node()
+        return self._origin
 
     def close(self) -> None:
         self._closed = True

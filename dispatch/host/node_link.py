@@ -139,6 +139,14 @@ class NodeLink:
         for j in range(self.topo.num_ranks_per_node):
             self.ring(j)
 
+    def record_failure(self, origin: int) -> None:
+        """Records a failure heard from another node (a rail waiter thread, possibly after
+        close()) and wakes every local rank, this one too."""
+        with self._bell_lock:
+            if self._segment is not None:
+                self.failures.record(origin)
+                _C.doorbell_ring(self._addr(self.topo.local_rank, self._doorbell_off))
+
     def ring_self(self) -> None:
         """Wakes this rank's own loop: called by rail waiter threads, possibly after close()."""
         with self._bell_lock:

@@ -14,11 +14,12 @@ from ..errors import PeerTimeoutError
 _SLEEP_MIN_S = 20e-6
 _SLEEP_MAX_S = 1e-3
 _PID_CHECK_INTERVAL_S = 0.1
-# A live node-mate that stalls is usually stuck behind the real failure (a rank it waits on over
-# the rail): give it this fraction of timeout_s more to record that failure in the node's failure
-# word before blaming it. Without it, a CI run (2026-12-03) had rank 2 of a 2x2 cluster, neither
-# node-mate nor rail peer of the killed rank 1, name its node-mate 3 (tests/test_faults.py).
-_LOCAL_GRACE_FRACTION = 0.5
+# A live peer that stalls is usually stuck behind the real failure: give it this fraction of
+# timeout_s more to record that failure (a node-mate: in the node's failure word; a rail peer: on
+# the abort channel, see backend.py) before blaming it. Without it, a CI run (2026-12-03) had
+# rank 2 of a 2x2 cluster, neither node-mate nor rail peer of the killed rank 1, name its
+# node-mate 3 (tests/test_faults.py).
+LIVE_PEER_GRACE_FRACTION = 0.5
 
 
 def pid_alive(pid: int) -> bool:
@@ -85,7 +86,7 @@ class Progress:
         if now - self._last_progress > self.timeout_s + self._grace_s:
             rank = self.blocker()
             if self._grace_s == 0.0 and rank in self.local_pids:
-                self._grace_s = _LOCAL_GRACE_FRACTION * self.timeout_s
+                self._grace_s = LIVE_PEER_GRACE_FRACTION * self.timeout_s
             else:
                 raise PeerTimeoutError(-1 if rank is None else rank, f"did not take part in {self.what}",
                                        self.timeout_s)

@@ -2,11 +2,19 @@
 
 Ranks with the same local index form one rail (one gloo subgroup each); a rank only ever
 talks to its rail peers over it.
+
+Besides the data, the rail carries the *abort channel*: one int64 word per rail peer and
+buffer, received by a receive posted for the life of the rail. A rank whose call failed sends
+every rail peer the rank it blames (origin + 1); the receiver records it in its node's failure
+word (failure.py), so a node that only saw a messenger leave still names the rank that failed
+first. A normal close sends 0 (goodbye) instead, which ends the peers' receives, so nothing is
+left in flight for the socket shutdown.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import queue
 import socket
@@ -80,6 +88,13 @@ _WAITERS = _Waiters()
 _LIVE_RAILS: "weakref.WeakSet[RailLink]" = weakref.WeakSet()
 # How long close() waits for waiters to return once their sockets are shut down.
 _ABORT_WAIT_S = 5.0
+# The abort channel's tag: above every chunk tag and notify's (1 << 24).
+ABORT_TAG = (1 << 24) + 1
+# Abort-channel word of a rank that closes normally; a rank that gave up sends origin + 1.
+_GOODBYE = 0
+# How long close() waits for the abort-channel words in flight (the peers' goodbyes: destroy is
+# collective, so they come within milliseconds; a buffer freed on one rank alone pays this).
+_GOODBYE_WAIT_S = 1.0
 
 
 def _socket_fds() -> Set[int]:
@@ -118,6 +133,12 @@ class RailLink:
         self._in_flight: "weakref.WeakSet[Pending]" = weakref.WeakSet()
         # Sockets of this rail's gloo context (the ones its construction opened).
         self._socket_fds: Set[int] = set()
+        self._rail_peers = [topo.rail_peer(m) for m in range(topo.num_nodes) if m != topo.node]
+        self._on_abort: Optional[Callable[[int], None]] = None
+        self._abort_receives: Dict[int, Pending] = {}
+        self._abort_heard: Dict[int, threading.Event] = {}
+        self._abort_sends: List[Pending] = []
+        self._abort_said = False
         if topo.num_nodes == 1:
             return
         gloo_timeout = timedelta(seconds=2 * timeout_s + 30)
@@ -140,14 +161,76 @@ class RailLink:
         """Starts receiving into ``tensor`` from group rank ``peer``."""
         return self._start(dist.irecv, tensor, peer, tag)
 
-    def _start(self, op, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+    def _start(self, op, tensor: torch.Tensor, peer: int, tag: int,
+               on_finish: Optional[Callable[[Pending], None]] = None) -> Pending:
         try:
-            pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag), self.on_complete)
+            pending = Pending(op(tensor, self._global[peer], group=self.group, tag=tag))
         except RuntimeError as error:
             raise PeerTimeoutError(peer, f"is unreachable on the rail ({error})") from error
+
+        def finished() -> None:  # in the waiter thread
+            if on_finish is not None:
+                on_finish(pending)
+            if self.on_complete is not None:
+                self.on_complete()
+
+        pending.on_done = finished
         self._in_flight.add(pending)
         _WAITERS.submit(pending)
         return pending
+
+    # --- the abort channel: the first failure, carried across nodes ---------------------------
+    def listen_for_aborts(self, on_abort: Callable[[int], None]) -> None:
+        """Posts one receive per rail peer on the abort channel for the life of the rail: a rail
+        peer that gives up sends the rank it blames (``announce_abort``), and ``on_abort(origin)``
+        runs in a waiter thread when it arrives. Called once, before the first call."""
+        self._on_abort = on_abort
+        for peer in self._rail_peers:
+            inbox = torch.zeros(1, dtype=torch.int64)
+            self._abort_heard[peer] = threading.Event()
+            self._abort_receives[peer] = self._start(dist.irecv, inbox, peer, ABORT_TAG,
+                                                     functools.partial(self._abort_arrived, peer, inbox))
+
+    def _abort_arrived(self, peer: int, inbox: torch.Tensor, pending: Pending) -> None:
+        word = int(inbox[0]) if pending.error is None else _GOODBYE
+        if word != _GOODBYE and self._on_abort is not None:
+            self._on_abort(word - 1)
+        self._abort_heard[peer].set()
+
+    def abort_heard_from(self, peer: int) -> bool:
+        """Whether ``peer``'s abort-channel word (an origin, its goodbye, or its connection's
+        failure) has been handled; True for a rank that is not a rail peer."""
+        heard = self._abort_heard.get(peer)
+        return heard is None or heard.is_set()
+
+    def announce_abort(self, origin: int) -> None:
+        """Tells every rail peer, once, that this rank gave up blaming ``origin`` (best effort:
+        never raises, never waits)."""
+        if self._abort_said or not self._abort_receives:
+            return
+        self._abort_said = True
+        self._send_abort_word(origin + 1)
+
+    def _send_abort_word(self, word: int) -> None:
+        for peer in self._rail_peers:
+            try:
+                self._abort_sends.append(self._start(dist.isend, torch.tensor([word], dtype=torch.int64), peer,
+                                                     ABORT_TAG))
+            except Exception:  # a peer (or the process group) already gone needs no word
+                pass
+
+    def _close_abort_channel(self) -> None:
+        """Sends the goodbye word unless an origin was sent, then waits (bounded) for the words
+        in flight both ways, so that a normal close leaves nothing for the socket shutdown."""
+        if not self._abort_receives:
+            return
+        if not self._abort_said:
+            self._abort_said = True
+            self._send_abort_word(_GOODBYE)
+        deadline = time.monotonic() + _GOODBYE_WAIT_S
+        waiting = list(self._abort_sends) + list(self._abort_receives.values())
+        while any(not p.finished for p in waiting) and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     @staticmethod
     def done(pending: Pending, peer: int) -> bool:
@@ -162,6 +245,7 @@ class RailLink:
         """Ends transfers still in flight (after a failure), then frees the rail group."""
         _LIVE_RAILS.discard(self)
         if self.group is not None:
+            self._close_abort_channel()
             self._abort_in_flight()
             try:
                 dist.destroy_process_group(self.group)
