@@ -242,7 +242,8 @@ class RailLink:
         return True
 
     def close(self) -> None:
-        """Ends transfers still in flight (after a failure), then frees the rail group."""
+        """Says goodbye on the abort channel, ends transfers still in flight (after a failure,
+        or on a rank closing alone), then frees the rail group."""
         _LIVE_RAILS.discard(self)
         if self.group is not None:
             self._close_abort_channel()
