@@ -64,6 +64,13 @@ uint64_t atomic_compare_exchange(uintptr_t address, uint64_t expected, uint64_t 
   return expected;
 }
 
+// A mover's binding: (args struct, num_threads), the GIL released while it runs; a bad argument
+// raises ValueError (std::invalid_argument, from Args::check) before any byte moves.
+template <typename Args, typename Result>
+void def_mover(py::module_& m, const char* name, Result (*mover)(const Args&, int)) {
+  m.def(name, mover, py::arg("args"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -156,9 +163,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("dst_rows", &PackRecordsArgs::dst_rows)
       .def_readwrite("num_records", &PackRecordsArgs::num_records)
       .def("check", &PackRecordsArgs::check);
-  m.def(
-      "pack_records", [](const PackRecordsArgs& args, int num_threads) { dispatch::host::pack_records(args, num_threads); },
-      py::arg("args"), py::arg("num_threads"), nogil);
+  def_mover<PackRecordsArgs>(m, "pack_records", &dispatch::host::pack_records);
   py::class_<UnpackRecordsArgs>(m, "UnpackRecordsArgs")
       .def(py::init<>())
       .def_readwrite("chunk", &UnpackRecordsArgs::chunk)
@@ -177,10 +182,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("src_tokens_out", &UnpackRecordsArgs::src_tokens_out)
       .def_readwrite("log_capacity", &UnpackRecordsArgs::log_capacity)
       .def("check", &UnpackRecordsArgs::check);
-  m.def(
-      "unpack_records",
-      [](const UnpackRecordsArgs& args, int num_threads) { return dispatch::host::unpack_records(args, num_threads); },
-      py::arg("args"), py::arg("num_threads"), nogil);
+  def_mover<UnpackRecordsArgs>(m, "unpack_records", &dispatch::host::unpack_records);
   m.def(
       "copy_dst_rows",
       [](uintptr_t chunk, const RecordLayout& layout, int64_t num_records, uintptr_t out) {
@@ -198,10 +200,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("rows", &GatherReturnRowsArgs::rows)
       .def_readwrite("num_rows", &GatherReturnRowsArgs::num_rows)
       .def("check", &GatherReturnRowsArgs::check);
-  m.def(
-      "gather_return_rows",
-      [](const GatherReturnRowsArgs& args, int num_threads) { dispatch::host::gather_return_rows(args, num_threads); },
-      py::arg("args"), py::arg("num_threads"), nogil);
+  def_mover<GatherReturnRowsArgs>(m, "gather_return_rows", &dispatch::host::gather_return_rows);
   py::class_<ReduceChunkArgs>(m, "ReduceChunkArgs")
       .def(py::init<>())
       .def_readwrite("dst_rows", &ReduceChunkArgs::dst_rows)
@@ -221,11 +220,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("token_ids", &ReduceChunkArgs::token_ids)
       .def_readwrite("partial_layout", &ReduceChunkArgs::partial_layout)
       .def("check", &ReduceChunkArgs::check);
-  // A bad argument raises ValueError (std::invalid_argument) before any byte moves.
-  m.def(
-      "reduce_chunk",
-      [](const ReduceChunkArgs& args, int num_threads) { dispatch::host::reduce_chunk(args, num_threads); },
-      py::arg("args"), py::arg("num_threads"), nogil);
+  def_mover<ReduceChunkArgs>(m, "reduce_chunk", &dispatch::host::reduce_chunk);
   py::class_<CombineOutput>(m, "CombineOutput")
       .def(py::init([](uintptr_t out, int out_dtype, uintptr_t bias0, int bias0_dtype, uintptr_t bias1, int bias1_dtype) {
              return CombineOutput{as_ptr<uint8_t>(out), static_cast<DType>(out_dtype), as_ptr<const uint8_t>(bias0),

@@ -83,6 +83,13 @@ inline void check_indices(const char* mover, const char* field, const int32_t* v
                       " outside [0, " + std::to_string(bound) + ")");
 }
 
+// out_bytes covers count rows of row_bytes (count_name: the field that holds count).
+inline void check_room(const char* mover, int64_t out_bytes, const char* count_name, int64_t count, int64_t row_bytes) {
+  if (out_bytes < count * row_bytes)
+    fail(mover, "out_bytes " + std::to_string(out_bytes) + " < " + count_name + " * layout.bytes = " +
+                    std::to_string(count * row_bytes));
+}
+
 inline void check_record_layout(const char* mover, const RecordLayout& l) {
   if (l.num_ranks_per_node < 1 || l.num_ranks_per_node > 64) fail(mover, "layout.num_ranks_per_node outside [1, 64]");
   if (l.num_topk < 0) fail(mover, "layout.num_topk < 0");
@@ -113,9 +120,7 @@ struct PackRecordsArgs {
     if (num_tokens < 0) detail::fail(m, "num_tokens < 0");
     if (num_records == 0) return;
     if (out == 0) detail::fail(m, "out is null");
-    if (out_bytes < num_records * layout.bytes())
-      detail::fail(m, "out_bytes " + std::to_string(out_bytes) + " < num_records * layout.bytes = " +
-                          std::to_string(num_records * layout.bytes()));
+    detail::check_room(m, out_bytes, "num_records", num_records, layout.bytes());
     if (x == 0) detail::fail(m, "x is null");
     if (layout.scale_bytes > 0 && scales == 0) detail::fail(m, "scales is null with layout.scale_bytes > 0");
     if (layout.num_topk > 0 && topk_idx == 0) detail::fail(m, "topk_idx is null with layout.num_topk > 0");
@@ -214,9 +219,7 @@ struct GatherReturnRowsArgs {
     if (num_x_rows < 0) detail::fail(m, "num_x_rows < 0");
     if (num_rows == 0) return;
     if (out == 0) detail::fail(m, "out is null");
-    if (out_bytes < num_rows * layout.bytes())
-      detail::fail(m, "out_bytes " + std::to_string(out_bytes) + " < num_rows * layout.bytes = " +
-                          std::to_string(num_rows * layout.bytes()));
+    detail::check_room(m, out_bytes, "num_rows", num_rows, layout.bytes());
     if (x == 0) detail::fail(m, "x is null");
     if (layout.num_topk > 0 && weights == 0) detail::fail(m, "weights is null with layout.num_topk > 0");
     if (rows == 0) detail::fail(m, "rows is null");
