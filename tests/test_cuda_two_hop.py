@@ -160,6 +160,39 @@ def test_silent_rail_peer_is_named(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_destroy_after_a_failure_aborts_the_rail_first(device):
+    """After a failed call, destroy() aborts each failed rank's rail transport before draining
+    its streams (NCCL: a round waiting on a dead peer would hold the rail stream forever); a
+    buffer that never failed only closes it."""
+    N, L, E, k, H = 2, 2, 8, 2, 16
+    R = N * L
+    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=9, tokens=[12, 12, 12, 12])
+    seen = {}
+    with cluster(device, N, L, timeout_s=1.5) as lb:
+        lb.comm.rail_fabric.silent_ranks.add(2)
+
+        def step(r, buf):
+            rail = buf._backend.rail
+            calls = seen.setdefault(r, [])
+            for name in ("abort", "close"):
+                original = getattr(rail, name)
+                setattr(rail, name, lambda original=original, name=name: (calls.append(name), original())[1])
+            try:
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
+                             config=Config(num_sms=2))
+                failed = False
+            except PeerTimeoutError:
+                failed = True
+            buf.destroy()
+            return failed
+        failed = lb.run(step)
+    assert failed[0], "rank 0 waited on its silent rail peer"
+    for r in range(R):
+        want = ["abort", "close"] if failed[r] else ["close"]
+        assert seen[r] == want, (r, failed[r], seen[r])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bad_argument_raises_everywhere(device):
     N, L, E, k, H = 2, 2, 8, 2, 16
     R = N * L

@@ -358,6 +358,19 @@ def test_post_rejects_a_bad_stream_and_a_closed_rail() -> None:
         rail.post([RailChunk(1, 0x10, 8)], [], 1)
 
 
+def test_abort_aborts_the_communicator_once_and_close_then_does_nothing() -> None:
+    """After a failure the backend aborts the rail (a round waiting on a dead peer keeps NCCL's
+    kernel on the rail stream until the communicator is aborted), then closes it as usual."""
+    rail, log = make_rail(rank=0, R=4, L=2)
+    del log[:]
+    rail.abort()
+    rail.abort()
+    rail.close()
+    assert log == [("abort", 0xC0)]
+    with pytest.raises(RuntimeError, match="after close"):
+        rail.post([RailChunk(1, 0x10, 8)], [], 1)
+
+
 def test_two_hop_constructs_the_rail_with_its_call_signature() -> None:
     """two_hop.TwoHopBackend._default_rail calls ``NcclRail(comm, topo, device, timeout_s=...)``."""
     import inspect

@@ -68,3 +68,10 @@ class RailTransport(Protocol):
     def close(self) -> None:
         """Releases the transport's resources (communicators, streams). Idempotent."""
         ...
+
+    def abort(self) -> None:
+        """Ends at once whatever the transport still has in flight, then releases it like
+        ``close`` (idempotent; ``close`` afterwards does nothing). Called after a failure: a
+        round waiting on a dead rail peer would otherwise hold its stream, and the ``destroy()``
+        that drains the stream, forever."""
+        ...

@@ -151,3 +151,6 @@ class LoopbackRail:
 
     def close(self) -> None:
         """Nothing to release (the fabric belongs to the cluster)."""
+
+    def abort(self) -> None:
+        """Nothing to end: a loopback round is device copies only, which never wait on a peer."""

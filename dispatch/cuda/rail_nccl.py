@@ -9,8 +9,9 @@ chunk: stream order puts each store after the group's receives have landed.
 The communicator is nonblocking (``ncclConfig_t.blocking = 0``): its set-up and each group end
 are polled with ``ncclCommGetAsyncError`` up to ``timeout_s``; a rail peer that never shows up
 aborts the communicator (``ncclCommAbort``) and raises ``PeerTimeoutError`` naming it, instead of
-hanging the host. (A peer dying after the group is enqueued leaves the NCCL kernel waiting on the
-rail stream; the forwarder kernel's own timeout on the arrival counter names that peer.)
+hanging the host. A peer dying after the group is enqueued leaves the NCCL kernel waiting on the
+rail stream: the forwarder kernel's own timeout on the arrival counter names that peer, and the
+backend's ``destroy()`` then aborts the communicator (``abort``) before draining the stream.
 
 The transport's SMs are bounded by the communicator's ``ncclConfig_t`` (``minCTAs``/``maxCTAs``:
 NCCL runs one CTA per channel, each on its own SM); ``num_sms`` reports ``max_ctas`` beside the
@@ -398,3 +399,11 @@ class NcclRail:
         comm, self._comm = self._comm, None
         if comm is not None:
             self.lib.comm_destroy(comm)
+
+    def abort(self) -> None:
+        """``ncclCommAbort`` of the rail communicator: NCCL's kernels still waiting on a peer
+        (one that died after a round was enqueued) return, so the rail stream drains; then the
+        same as ``close``. Idempotent."""
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            self.lib.comm_abort(comm)
