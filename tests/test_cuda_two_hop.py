@@ -138,23 +138,31 @@ def test_fp8_cached_worst_and_rounded_partials(device):
         assert torch.equal(res[s][6], want), s
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_silent_rail_peer_is_named(device):
-    """A rail peer that never sends: its peer's forwarder times out and the call fails naming it."""
+def _with_a_silent_rail_peer(device, before, after):
+    """2x2 virtual ranks where rank 2 (node 1, local 0) drops its rail sends; each rank runs
+    ``before(r, buf)``, one dispatch, ``after(r, buf)``. Returns each rank's PeerTimeoutError or None."""
     N, L, E, k, H = 2, 2, 8, 2, 16
-    R = N * L
-    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=9, tokens=[12, 12, 12, 12])
+    xs, idxs, _ = inputs(N * L, E, k, H, torch.bfloat16, seed=9, tokens=[12, 12, 12, 12])
     with cluster(device, N, L, timeout_s=1.5) as lb:
-        lb.comm.rail_fabric.silent_ranks.add(2)  # rank 2 (node 1, local 0) drops its rail sends
+        lb.comm.rail_fabric.silent_ranks.add(2)
 
         def step(r, buf):
+            before(r, buf)
+            error = None
             try:
                 buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
                              config=Config(num_sms=2))
-            except PeerTimeoutError as error:
-                return error
-            return None
-        res = lb.run(step)
+            except PeerTimeoutError as exc:
+                error = exc
+            after(r, buf)
+            return error
+        return lb.run(step)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silent_rail_peer_is_named(device):
+    """A rail peer that never sends: its peer's forwarder times out and the call fails naming it."""
+    res = _with_a_silent_rail_peer(device, lambda r, buf: None, lambda r, buf: None)
     assert isinstance(res[0], PeerTimeoutError), res[0]  # rank 0's rail peer on node 1 is rank 2
     assert res[0].rank == 2 and "rank 2" in str(res[0]) and "rail" in str(res[0])
 
@@ -164,30 +172,18 @@ def test_destroy_after_a_failure_aborts_the_rail_first(device):
     """After a failed call, destroy() aborts each failed rank's rail transport before draining
     its streams (NCCL: a round waiting on a dead peer would hold the rail stream forever); a
     buffer that never failed only closes it."""
-    N, L, E, k, H = 2, 2, 8, 2, 16
-    R = N * L
-    xs, idxs, _ = inputs(R, E, k, H, torch.bfloat16, seed=9, tokens=[12, 12, 12, 12])
     seen = {}
-    with cluster(device, N, L, timeout_s=1.5) as lb:
-        lb.comm.rail_fabric.silent_ranks.add(2)
 
-        def step(r, buf):
-            rail = buf._backend.rail
-            calls = seen.setdefault(r, [])
-            for name in ("abort", "close"):
-                original = getattr(rail, name)
-                setattr(rail, name, lambda original=original, name=name: (calls.append(name), original())[1])
-            try:
-                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
-                             config=Config(num_sms=2))
-                failed = False
-            except PeerTimeoutError:
-                failed = True
-            buf.destroy()
-            return failed
-        failed = lb.run(step)
+    def spy(r, buf):
+        rail, calls = buf._backend.rail, seen.setdefault(r, [])
+        for name in ("abort", "close"):
+            original = getattr(rail, name)
+            setattr(rail, name, lambda original=original, name=name: (calls.append(name), original())[1])
+
+    res = _with_a_silent_rail_peer(device, spy, lambda r, buf: buf.destroy())
+    failed = [isinstance(error, PeerTimeoutError) for error in res]
     assert failed[0], "rank 0 waited on its silent rail peer"
-    for r in range(R):
+    for r in range(len(res)):
         want = ["abort", "close"] if failed[r] else ["close"]
         assert seen[r] == want, (r, failed[r], seen[r])
 
