@@ -27,6 +27,7 @@
 #include "rail_api.h"
 #include "element.h"
 #include "place_record.h"
+#include "profile_record.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -40,6 +41,7 @@ constexpr int kDeviceToDevice = 3;  // the SIMT runtime ignores the kind (one ad
 #endif
 
 __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   const int L = a.num_ranks, k = a.num_topk;
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (blockDim.x / 32);
@@ -68,93 +70,229 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
   }
 }
 
-// Block 2m: forwarder of source node m (warp j feeds local rank j's ring (m, me)); block 2m + 1:
-// receiver of source node m (warp p drains ring (m, p), forwarder p's records).
-__global__ void __launch_bounds__(kThreads, 1) rail_forward_kernel(RailDispatchArgs a) {
+// What a forwarder's pair (source node m, local rank j) can do now, without waiting.
+enum PairState { kPairDone, kPairReady, kPairWaitsRail, kPairWaitsSpace };
+
+// The records of source node m that chunk arrival counters must cover before record i is read.
+DISPATCH_DEVICE uint64_t chunks_needed(const RailDispatchArgs& a, int64_t i) {
+  const uint64_t chunk = static_cast<uint64_t>(i / a.chunk_records);
+#if DISPATCH_BAD_VARIANT == DISPATCH_BAD_RAIL_EARLY_READ
+  return chunk;  // reads chunk i while its counter may still say i
+#else
+  return chunk + 1;
+#endif
+}
+
+DISPATCH_DEVICE uint64_t chunks_arrived(const RailDispatchArgs& a, int m) {
+  // my own node's records are in my send region already
+  return m == a.node ? ~0ull : port::ld_acquire(reinterpret_cast<const uint64_t*>(a.arrival) + m);
+}
+
+// Forwarder block of pair s: warp w owns the pairs q = t * L + j (t-th source node m of the
+// block, local rank j) with q = w, w + warps, ...; q's records go, in order, into local rank j's
+// ring (m, me). A warp visits its pairs in turn, moving up to a chunk of records per visit and
+// never waiting while one of them can move; when none can, lane 0 polls them all (until_any):
+// waiting on one pair could hold up a ring another rank's receiver waits on.
+DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g, int s, uint32_t* next,
+                                   uint32_t* sent) {
   const int L = a.num_ranks, me = a.rank, n = a.node;
-  const int m = blockIdx.x / 2;
-  const bool forwarder = (blockIdx.x % 2) == 0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (warp >= L) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int pairs = g.nodes_of(s) * L;
   const uint64_t own = a.peers.ptr[me];
-  if (call_is_void(own)) return;
   const Waiter w{own, a.wait, 0};  // peers are reported by global rank
   const RecordLayout rl{L, a.num_topk, a.hidden_bytes, a.scale_bytes};
   const int64_t rb = rl.bytes();
   const int64_t slots = a.ring_slots;
-
-  if (forwarder) {
-    const int j = warp;
-    const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
-    const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
-    const uint8_t* region = reinterpret_cast<const uint8_t*>(reinterpret_cast<const uint64_t*>(a.fwd_regions)[m]);
-    const uint64_t* arrival = reinterpret_cast<const uint64_t*>(a.arrival) + m;
-    uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, rb);
-    uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
-    const uint64_t* head = head_of(own, m, j);
-    int32_t* routes = reinterpret_cast<int32_t*>(a.routes);
-    uint64_t arrived = m == n ? ~0ull : 0;  // my own node's records are in my send region already
-    uint64_t sent = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const uint64_t chunk = static_cast<uint64_t>(i / a.chunk_records);
-#if DISPATCH_BAD_VARIANT == DISPATCH_BAD_RAIL_EARLY_READ
-      const uint64_t need = chunk;  // reads chunk i while its counter may still say i
-#else
-      const uint64_t need = chunk + 1;
-#endif
-      int ok = 1;
-      if (lane == 0 && arrived < need) {
-        ok = w.until(arrival, need, m * L + me, m, kWaitRailArrival);
-        arrived = port::ld_acquire(arrival);
+  const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
+  const uint64_t* regions = reinterpret_cast<const uint64_t*>(a.fwd_regions);
+  int32_t* routes = reinterpret_cast<int32_t*>(a.routes);
+  auto dst_row = [&](int m, int64_t i, int j) {
+    const uint8_t* rec = reinterpret_cast<const uint8_t*>(regions[m]) + i * rb;
+    return __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + j);
+  };
+  auto state = [&](int q) {  // lane 0
+    const int m = g.node(s, q / L), j = q % L;
+    const int64_t i = next[q];
+    if (i >= fwd_begin[m + 1] - fwd_begin[m]) return kPairDone;
+    if (chunks_arrived(a, m) < chunks_needed(a, i)) return kPairWaitsRail;
+    const uint64_t out = sent[q];
+    if (out < static_cast<uint64_t>(slots) || dst_row(m, i, j) < 0) return kPairReady;
+    return port::ld_acquire(head_of(own, m, j)) >= out + 1 - slots ? kPairReady : kPairWaitsSpace;
+  };
+  for (;;) {
+    bool pending = false, moved = false;
+    for (int q = warp; q < pairs; q += warps) {
+      const int m = g.node(s, q / L), j = q % L;
+      const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
+      const int64_t first = next[q];
+      if (first >= count) continue;
+      pending = true;
+      uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, rb);
+      uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
+      const uint64_t* head = head_of(own, m, j);
+      const int64_t stop = count < first + a.chunk_records ? count : first + a.chunk_records;
+      uint64_t out = sent[q], arrived = 0, freed = 0;  // arrived, freed: lane 0's last acquires
+      int64_t i = first;
+      for (; i < stop; ++i) {
+        int go = 1;
+        if (lane == 0 && arrived < chunks_needed(a, i)) {
+          arrived = chunks_arrived(a, m);
+          go = arrived >= chunks_needed(a, i);
+        }
+        if (!__shfl_sync(0xffffffffu, go, 0)) break;
+        __syncwarp();  // lane 0's acquire orders the warp's reads of the chunk
+        const int32_t row = dst_row(m, i, j);
+        if (row >= 0) {
+          if (lane == 0 && out + 1 > static_cast<uint64_t>(slots) && freed < out + 1 - slots) {
+            freed = port::ld_acquire(head);
+            go = freed >= out + 1 - slots;
+          }
+          if (!__shfl_sync(0xffffffffu, go, 0)) break;
+          warp_copy(ring + static_cast<int64_t>(out % slots) * rb, reinterpret_cast<const uint8_t*>(regions[m]) + i * rb,
+                    rb, lane);
+          __syncwarp();
+          ++out;
+          if (lane == 0) {
+            __threadfence_system();
+            port::st_release(tail, out);
+          }
+        }
+        if (routes && lane == 0) routes[(begin + i) * L + j] = row;
       }
-      if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-      __syncwarp();  // lane 0's acquire orders the warp's reads of the chunk
-      const uint8_t* rec = region + i * rb;
-      const int32_t row = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + j);
-      if (routes && lane == 0) routes[(begin + i) * L + j] = row;
-      if (row < 0) continue;
-      if (lane == 0 && sent + 1 > static_cast<uint64_t>(slots)) ok = w.until(head, sent + 1 - slots, n * L + j, m, kWaitDispatchSpace);
-      if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-      warp_copy(ring + static_cast<int64_t>(sent % slots) * rb, rec, rb, lane);
-      __syncwarp();
-      ++sent;
+      moved = moved || i != first;
+      __syncwarp();  // every lane has read next[q] and sent[q]
       if (lane == 0) {
-        __threadfence_system();
-        port::st_release(tail, sent);
+        next[q] = static_cast<uint32_t>(i);
+        sent[q] = static_cast<uint32_t>(out);
       }
+      __syncwarp();
     }
-    return;
-  }
-
-  const int p = warp;
-  // A receiver of a remote node's records waits twice as long: the forwarder waiting on the
-  // rail then reports first and names the rail peer, not itself.
-  WaitArgs patient = a.wait;
-  if (m != n) patient.timeout_ns *= 2;
-  const Waiter rw{own, patient, 0};
-  const int64_t count = reinterpret_cast<const int32_t*>(a.recv_counts)[m * L + p];
-  const uint8_t* ring = ring_of(own, m, p, L, slots, rb);
-  const uint64_t* tail = tail_of(own, m, p);
-  uint64_t* head = head_of(a.peers.ptr[p], m, me);
-  uint64_t seen = 0;
-  for (uint64_t i = 0; i < static_cast<uint64_t>(count); ++i) {
+    if (!pending) return;
+    if (moved) continue;
     int ok = 1;
-    if (lane == 0 && i >= seen) {
-      ok = rw.until(tail, i + 1, n * L + p, m, kWaitDispatchData);
-      seen = port::ld_acquire(tail);
+    if (lane == 0) {
+      auto poll = [&]() {
+        bool waiting = false;
+        for (int q = warp; q < pairs; q += warps) {
+          const PairState st = state(q);
+          if (st == kPairReady) return true;
+          waiting = waiting || st != kPairDone;
+        }
+        return !waiting;
+      };
+      auto site = [&]() {
+        for (int q = warp; q < pairs; q += warps) {
+          const int m = g.node(s, q / L), j = q % L;
+          const PairState st = state(q);
+          if (st == kPairWaitsRail) return WaitSite{m * L + me, m, kWaitRailArrival};
+          if (st == kPairWaitsSpace) return WaitSite{n * L + j, m, kWaitDispatchSpace};
+        }
+        return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchSpace};
+      };
+      ok = w.until_any(poll, site);
     }
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-    __syncwarp();
-    const uint8_t* rec = ring + static_cast<int64_t>(i % slots) * rb;
-    const int64_t row = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + me);
-    if (row < 0 || row >= a.max_rows) {  // num_worst_tokens below the received count
-      if (lane == 0) w.report(n * L + p, m, kWaitOverflow);
-      return;
-    }
-    place_record(a, rl, rec, row, -1, lane);
-    __syncwarp();
-    if (lane == 0) port::st_release(head, i + 1);
   }
+}
+
+// Receiver block of pair s: warp w owns the pairs q = t * L + p (source node m, local rank p),
+// as the forwarder's; q's records arrive in my ring (m, p) from forwarder p and are placed by
+// dst_row. A warp drains up to a ring per visit and polls all its pairs when none has records.
+DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g, int s, uint32_t* next) {
+  const int L = a.num_ranks, me = a.rank, n = a.node;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int nodes = g.nodes_of(s), pairs = nodes * L;
+  const uint64_t own = a.peers.ptr[me];
+  // A receiver of remote nodes' records waits twice as long: the forwarder waiting on the rail
+  // then reports first and names the rail peer, not itself.
+  WaitArgs patient = a.wait;
+  if (nodes > 1 || g.node(s, 0) != n) patient.timeout_ns *= 2;
+  const Waiter w{own, patient, 0};
+  const RecordLayout rl{L, a.num_topk, a.hidden_bytes, a.scale_bytes};
+  const int64_t rb = rl.bytes();
+  const int64_t slots = a.ring_slots;
+  const int32_t* recv_counts = reinterpret_cast<const int32_t*>(a.recv_counts);
+  for (;;) {
+    bool pending = false, moved = false;
+    for (int q = warp; q < pairs; q += warps) {
+      const int m = g.node(s, q / L), p = q % L;
+      const int64_t count = recv_counts[m * L + p], first = next[q];
+      if (first >= count) continue;
+      pending = true;
+      const uint8_t* ring = ring_of(own, m, p, L, slots, rb);
+      const uint64_t* tail = tail_of(own, m, p);
+      uint64_t* head = head_of(a.peers.ptr[p], m, me);
+      const int64_t stop = count < first + slots ? count : first + slots;
+      uint64_t seen = 0;  // lane 0's last acquire of the tail
+      int64_t i = first;
+      for (; i < stop; ++i) {
+        int go = 1;
+        if (lane == 0 && seen <= static_cast<uint64_t>(i)) {
+          seen = port::ld_acquire(tail);
+          go = seen > static_cast<uint64_t>(i);
+        }
+        if (!__shfl_sync(0xffffffffu, go, 0)) break;
+        __syncwarp();
+        const uint8_t* rec = ring + (i % slots) * rb;
+        const int64_t row = __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + me);
+        if (row < 0 || row >= a.max_rows) {  // num_worst_tokens below the received count
+          if (lane == 0) w.report(n * L + p, m, kWaitOverflow);
+          return;
+        }
+        place_record(a, rl, rec, row, -1, lane);
+        __syncwarp();
+        if (lane == 0) port::st_release(head, static_cast<uint64_t>(i + 1));
+      }
+      moved = moved || i != first;
+      __syncwarp();  // every lane has read next[q]
+      if (lane == 0) next[q] = static_cast<uint32_t>(i);
+      __syncwarp();
+    }
+    if (!pending) return;
+    if (moved) continue;
+    int ok = 1;
+    if (lane == 0) {
+      auto waits = [&](int q) {
+        const int m = g.node(s, q / L), p = q % L;
+        return next[q] < static_cast<uint32_t>(recv_counts[m * L + p]);
+      };
+      auto poll = [&]() {
+        bool waiting = false;
+        for (int q = warp; q < pairs; q += warps) {
+          if (!waits(q)) continue;
+          if (port::ld_acquire(tail_of(own, g.node(s, q / L), q % L)) > next[q]) return true;
+          waiting = true;
+        }
+        return !waiting;
+      };
+      auto site = [&]() {
+        for (int q = warp; q < pairs; q += warps) {
+          if (waits(q)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitDispatchData};
+        }
+        return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchData};
+      };
+      ok = w.until_any(poll, site);
+    }
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+  }
+}
+
+// Blocks 2s (forwarder) and 2s + 1 (receiver) serve source nodes s, s + S, ... (RailGrid).
+__global__ void __launch_bounds__(kThreads, 1) rail_forward_kernel(RailDispatchArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
+  DISPATCH_SHARED_ARRAY(uint32_t, next, kMaxRailPairs);  // per pair: records forwarded (placed)
+  DISPATCH_SHARED_ARRAY(uint32_t, sent, kMaxRailPairs);  // per pair: records written to the ring
+  const RailGrid g{static_cast<int>(gridDim.x / 2), a.num_nodes};
+  const int s = blockIdx.x / 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (call_is_void(a.peers.ptr[a.rank])) return;
+  // each warp touches only its own pairs: no block barrier
+  for (int q = warp; q < g.nodes_of(s) * a.num_ranks; q += warps) {
+    if (lane == 0) next[q] = sent[q] = 0;
+  }
+  __syncwarp();
+  if (blockIdx.x % 2 == 0) forward_pairs(a, g, s, next, sent);
+  else receive_pairs(a, g, s, next);
 }
 
 __global__ void rail_throttle_kernel(uint64_t min_duration_ns) {
@@ -183,6 +321,7 @@ static void check_rail(const RailDispatchArgs& a) {
   DISPATCH_CHECK_ARG(a.num_nodes >= 2 && a.num_nodes <= kMaxNodes, "the two-hop path serves 2..64 nodes");
   DISPATCH_CHECK_ARG(a.num_topk <= 32, "num_topk must be <= 32");
   DISPATCH_CHECK_ARG(a.chunk_records >= 1, "chunk_records must be >= 1");
+  DISPATCH_CHECK_ARG(a.num_sms >= 2, "num_sms must be >= 2 (a forwarder and a receiver block)");
 }
 
 void launch_rail_pack(const RailDispatchArgs& a, uintptr_t stream) {
@@ -190,16 +329,21 @@ void launch_rail_pack(const RailDispatchArgs& a, uintptr_t stream) {
   if (a.num_send_records == 0) return;
   // a record per warp; small blocks: the SIMT runtime (and TSan) pay per thread
   const int threads = is_simt() ? 128 : kThreads;
-  const int64_t blocks = (a.num_send_records + threads / 32 - 1) / (threads / 32);
-  DISPATCH_LAUNCH(rail_pack_kernel, static_cast<int>(blocks < kPackBlocks ? blocks : kPackBlocks), threads, 0,
-                  as_stream(stream), a);
+  int64_t blocks = (a.num_send_records + threads / 32 - 1) / (threads / 32);
+  if (blocks > kPackBlocks) blocks = kPackBlocks;
+  if (blocks > a.num_sms) blocks = a.num_sms;
+  DISPATCH_LAUNCH(rail_pack_kernel, static_cast<int>(blocks), threads, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_rail_forward(const RailDispatchArgs& a, uintptr_t stream) {
   check_rail(a);
-  // warp j serves local rank j: L warps per block
-  DISPATCH_LAUNCH(rail_forward_kernel, 2 * a.num_nodes, 32 * a.num_ranks, 0, as_stream(stream), a);
+  // a warp per (source node, local rank) pair of a block, up to 16 (4 on SIMT: it pays per thread)
+  const RailGrid g = RailGrid::of(a.num_sms, a.num_nodes);
+  const int most_warps = is_simt() ? 4 : kThreads / 32;
+  const int pairs = g.most_nodes() * a.num_ranks;
+  const int warps = pairs < most_warps ? pairs : most_warps;
+  DISPATCH_LAUNCH(rail_forward_kernel, 2 * g.slots, 32 * warps, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
