@@ -1,26 +1,36 @@
 // ---- Kernel note (issue 14; figures from `nvcc -std=c++17 -arch=sm_90 -Xptxas -v -c`, 2026-12-04) ----
+// Grids under Config.num_sms (RailGrid, rail_api.h): S = min(num_sms / 2, N) block pairs.
 // Warp roles:
-//   rail_pack_kernel: <= 64 blocks x 16 warps (kThreads = 512; 128 threads on SIMT); one send
-//     record per warp (grid-strided): dst rows, routing, then the x row and scales.
-//   rail_forward_kernel: 2N blocks of 32 * L threads. Block 2m (forwarder, source node m): warp j
-//     pushes node m's records to local rank j's ring; block 2m + 1 (receiver): warp p places the
-//     rows local rank p forwarded to me. NOT sized by Config.num_sms yet (issue 14 item 1, open):
-//     2N SMs whatever num_sms, and only L of a block's warps work.
+//   rail_pack_kernel: <= min(num_sms, 64) blocks x 16 warps (kThreads = 512; 128 threads on
+//     SIMT); one send record per warp (grid-strided): dst rows, routing, then the x row and scales.
+//   rail_forward_kernel: 2S blocks of 32 * min(16, ceil(N / S) * L) threads (at most 4 warps on
+//     SIMT). Block 2s forwards source nodes s, s + S, ...: a warp per (source node m, local rank
+//     j) pair pushes m's records to j's ring, several pairs per warp when they outnumber the
+//     warps; block 2s + 1 receives them: a warp per (m, p) pair places the rows local rank p
+//     forwarded to me. A warp visits its pairs in turn (up to a chunk / a ring per visit) and
+//     only waits, polling all of them, when none can move.
 // Bytes in flight per SM, by construction: warp_copy (element.h) issues 4 independent 16-byte
-//   loads per lane before its stores when both ends are 16-byte aligned: 2 KiB per warp.
+//   loads per lane before its stores when both ends are 16-byte aligned: 2 KiB per working warp.
 //   pack: 16 warps -> 32 KiB per SM; at 0.5 us latency (Little's law) 64 GB/s per SM.
-//   forward: L warps -> 2L KiB per SM: L = 8: 16 KiB, 32 GB/s per SM; L = 2: 4 KiB, 8 GB/s,
-//   under the 40 GB/s goal: the reason item 1 (every warp working whatever L) matters.
+//   forward: min(16, ceil(N / S) * L) warps -> 2 KiB each. S = N (num_sms >= 2N): L warps,
+//   2L KiB: L = 8: 16 KiB, 32 GB/s per SM; L = 2: 4 KiB, 8 GB/s, under the 40 GB/s goal. With
+//   S < N a block serves ceil(N / S) nodes and more of its warps work (N = 8, L = 4, num_sms = 4:
+//   16 warps, 32 KiB, 64 GB/s per SM on 4 SMs). Still open (item 2): several warps on one pair
+//   (its tail is published in record order, so they would need a shared completion count).
 //   Rows that are not 16-byte aligned fall back to 4-byte granules (fewer bytes in flight).
-// ptxas -v (sm_90): rail_pack_kernel 56 registers, rail_forward_kernel 90 registers (launch bounds
-//   of one block per SM: at ptxas' default 64 the shared place_record spilled 16 bytes), 0 bytes
-//   spill stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
+// Flags: one acquire of the arrival counter per chunk, one of the head only when the ring looks
+//   full, one release fence and tail store per forwarded record; the receiver one head store per
+//   record placed.
+// ptxas -v (sm_90): rail_pack_kernel 64 registers (56 before ProfileScope), rail_forward_kernel
+//   114 registers (90 before the pairs; launch bounds of one block per SM: 114 x 512 < 64K),
+//   8192 bytes static shared (next/sent per pair, uint32 [kMaxRailPairs] each), 0 bytes spill
+//   stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
 // Two-hop dispatch, the CUDA side of the rail: the rail sender packs each of my tokens once per
 // destination node (RecordLayout with the L destination rows there); the transport moves node
 // m's records to my rail peer on node m in chunks and bumps its arrival counter; on the
-// destination node the forwarder (block 2m of the forward kernel: source node m) pushes each
-// chunk to the node's ranks through the in-node rings as soon as its counter says it landed,
-// while the next chunk is still on the wire; receivers (block 2m + 1) place rows by dst_row.
+// destination node the forwarder of source node m (block 2s of the forward kernel, s = m mod S)
+// pushes each chunk to the node's ranks through the in-node rings as soon as its counter says it
+// landed, while the next chunk is still on the wire; receivers (block 2s + 1) place rows by dst_row.
 #include "../common/record.h"
 #include "bad_variants.h"
 #include "kernels.h"
