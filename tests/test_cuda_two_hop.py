@@ -34,6 +34,7 @@ CASES = [
     (2, 2, 3, 2, 16, torch.float64, 0, 5, 2),
     (4, 2, 2, 2, 24, torch.bfloat16, (512 << 10) + 4096, 2, 4),  # 2 nodes per block pair
     (2, 4, 2, 3, 32, torch.float32, 0, 3, 6),  # a block pair per node (S = N)
+    (2, 2, 2, 3, 40, torch.bfloat16, (512 << 10) + 4096, 2, 4),  # S = N, 2 warps per (node, rank) pair on SIMT
 ]
 
 

@@ -80,8 +80,36 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
   }
 }
 
-// What a forwarder's pair (source node m, local rank j) can do now, without waiting.
+// What a forwarder's unit can do now, without waiting.
 enum PairState { kPairDone, kPairReady, kPairWaitsRail, kPairWaitsSpace };
+
+// Work units of a forward-kernel block: its (source node, local rank) pairs q = t * L + j (t-th
+// source node of the block), each split among G = warps / pairs warps when the block has more
+// warps than pairs: sub-unit u of pair q copies the records of q's ring slots o with o % G == u,
+// and the G of them publish the ring's counter in slot order, taking turns through turn[q].
+// Unit x = u * pairs + q; warp w owns units x = w, w + warps, ... (several when G = 1).
+struct RailUnits {
+  int pairs, per_pair;  // per_pair: G
+  DISPATCH_DEVICE static RailUnits of(int pairs, int warps) { return RailUnits{pairs, warps > pairs ? warps / pairs : 1}; }
+  DISPATCH_DEVICE int count() const { return pairs * per_pair; }
+};
+
+// Lane 0 of the unit holding ring slot `slot` of a pair, once the slot's record is written (or
+// read): waits for the previous slot's owner to have published (its sibling warp, which can
+// always get there: its record arrived, and its slot freed, no later than this one), publishes
+// slot + 1 into `counter` (after a system fence when `fence`: the record's bytes first), then
+// hands the turn on. A pair of one warp has no turns to take.
+DISPATCH_DEVICE bool publish_in_turn(const Waiter& w, uint32_t* turn, int per_pair, uint64_t slot, uint64_t* counter,
+                                     bool fence, WaitSite site) {
+  if (per_pair > 1) {
+    auto my_turn = [&]() { return port::ld_acquire_block(turn) == static_cast<uint32_t>(slot); };
+    if (!w.until_any(my_turn, [&]() { return site; })) return false;
+  }
+  if (fence) __threadfence_system();
+  port::st_release(counter, slot + 1);
+  if (per_pair > 1) port::st_release_block(turn, static_cast<uint32_t>(slot + 1));
+  return true;
+}
 
 // The records of source node m that chunk arrival counters must cover before record i is read.
 DISPATCH_DEVICE uint64_t chunks_needed(const RailDispatchArgs& a, int64_t i) {
@@ -98,16 +126,17 @@ DISPATCH_DEVICE uint64_t chunks_arrived(const RailDispatchArgs& a, int m) {
   return m == a.node ? ~0ull : port::ld_acquire(reinterpret_cast<const uint64_t*>(a.arrival) + m);
 }
 
-// Forwarder block of pair s: warp w owns the pairs q = t * L + j (t-th source node m of the
-// block, local rank j) with q = w, w + warps, ...; q's records go, in order, into local rank j's
-// ring (m, me). A warp visits its pairs in turn, moving up to a chunk of records per visit and
-// never waiting while one of them can move; when none can, lane 0 polls them all (until_any):
-// waiting on one pair could hold up a ring another rank's receiver waits on.
+// Forwarder block of pair s: unit (q, u) walks pair q's records (source node m, local rank j) in
+// order, counting the ring slots of those with a row at j, and copies its own slots' records into
+// j's ring (m, me). A warp visits its units in turn, up to a chunk of records per visit, never
+// waiting while one of them can move; when none can, lane 0 polls them all (until_any): waiting
+// on one could hold up a ring another rank's receiver waits on.
 DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g, int s, uint32_t* next,
-                                   uint32_t* sent) {
+                                   uint32_t* sent, uint32_t* turn) {
   const int L = a.num_ranks, me = a.rank, n = a.node;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int pairs = g.nodes_of(s) * L;
+  const RailUnits units = RailUnits::of(g.nodes_of(s) * L, warps);
+  const int G = units.per_pair;
   const uint64_t own = a.peers.ptr[me];
   const Waiter w{own, a.wait, 0};  // peers are reported by global rank
   const RecordLayout rl{L, a.num_topk, a.hidden_bytes, a.scale_bytes};
@@ -120,28 +149,30 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
     const uint8_t* rec = reinterpret_cast<const uint8_t*>(regions[m]) + i * rb;
     return __ldcg(reinterpret_cast<const int32_t*>(rec + rl.dst_rows_offset()) + j);
   };
-  auto state = [&](int q) {  // lane 0
+  auto state = [&](int x) {  // lane 0
+    const int q = x % units.pairs, u = x / units.pairs;
     const int m = g.node(s, q / L), j = q % L;
-    const int64_t i = next[q];
+    const int64_t i = next[x];
     if (i >= fwd_begin[m + 1] - fwd_begin[m]) return kPairDone;
     if (chunks_arrived(a, m) < chunks_needed(a, i)) return kPairWaitsRail;
-    const uint64_t out = sent[q];
-    if (out < static_cast<uint64_t>(slots) || dst_row(m, i, j) < 0) return kPairReady;
+    const uint64_t out = sent[x];
+    if (out % G != static_cast<uint64_t>(u) || out < static_cast<uint64_t>(slots) || dst_row(m, i, j) < 0) return kPairReady;
     return port::ld_acquire(head_of(own, m, j)) >= out + 1 - slots ? kPairReady : kPairWaitsSpace;
   };
   for (;;) {
     bool pending = false, moved = false;
-    for (int q = warp; q < pairs; q += warps) {
+    for (int x = warp; x < units.count(); x += warps) {
+      const int q = x % units.pairs, u = x / units.pairs;
       const int m = g.node(s, q / L), j = q % L;
       const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
-      const int64_t first = next[q];
+      const int64_t first = next[x];
       if (first >= count) continue;
       pending = true;
       uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, rb);
       uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
       const uint64_t* head = head_of(own, m, j);
       const int64_t stop = count < first + a.chunk_records ? count : first + a.chunk_records;
-      uint64_t out = sent[q], arrived = 0, freed = 0;  // arrived, freed: lane 0's last acquires
+      uint64_t out = sent[x], arrived = 0, freed = 0;  // arrived, freed: lane 0's last acquires
       int64_t i = first;
       for (; i < stop; ++i) {
         int go = 1;
@@ -152,7 +183,7 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
         if (!__shfl_sync(0xffffffffu, go, 0)) break;
         __syncwarp();  // lane 0's acquire orders the warp's reads of the chunk
         const int32_t row = dst_row(m, i, j);
-        if (row >= 0) {
+        if (row >= 0 && out % G == static_cast<uint64_t>(u)) {
           if (lane == 0 && out + 1 > static_cast<uint64_t>(slots) && freed < out + 1 - slots) {
             freed = port::ld_acquire(head);
             go = freed >= out + 1 - slots;
@@ -161,19 +192,17 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
           warp_copy(ring + static_cast<int64_t>(out % slots) * rb, reinterpret_cast<const uint8_t*>(regions[m]) + i * rb,
                     rb, lane);
           __syncwarp();
-          ++out;
-          if (lane == 0) {
-            __threadfence_system();
-            port::st_release(tail, out);
-          }
+          if (lane == 0) go = publish_in_turn(w, turn + q, G, out, tail, true, WaitSite{n * L + j, m, kWaitDispatchSpace});
+          if (!__shfl_sync(0xffffffffu, go, 0)) return;
         }
-        if (routes && lane == 0) routes[(begin + i) * L + j] = row;
+        if (row >= 0) ++out;
+        if (routes && u == 0 && lane == 0) routes[(begin + i) * L + j] = row;
       }
       moved = moved || i != first;
-      __syncwarp();  // every lane has read next[q] and sent[q]
+      __syncwarp();  // every lane has read next[x] and sent[x]
       if (lane == 0) {
-        next[q] = static_cast<uint32_t>(i);
-        sent[q] = static_cast<uint32_t>(out);
+        next[x] = static_cast<uint32_t>(i);
+        sent[x] = static_cast<uint32_t>(out);
       }
       __syncwarp();
     }
@@ -183,19 +212,19 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
     if (lane == 0) {
       auto poll = [&]() {
         bool waiting = false;
-        for (int q = warp; q < pairs; q += warps) {
-          const PairState st = state(q);
+        for (int x = warp; x < units.count(); x += warps) {
+          const PairState st = state(x);
           if (st == kPairReady) return true;
           waiting = waiting || st != kPairDone;
         }
         return !waiting;
       };
       auto site = [&]() {
-        for (int q = warp; q < pairs; q += warps) {
-          const int m = g.node(s, q / L), j = q % L;
-          const PairState st = state(q);
+        for (int x = warp; x < units.count(); x += warps) {
+          const int q = x % units.pairs, m = g.node(s, q / L);
+          const PairState st = state(x);
           if (st == kPairWaitsRail) return WaitSite{m * L + me, m, kWaitRailArrival};
-          if (st == kPairWaitsSpace) return WaitSite{n * L + j, m, kWaitDispatchSpace};
+          if (st == kPairWaitsSpace) return WaitSite{n * L + q % L, m, kWaitDispatchSpace};
         }
         return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchSpace};
       };
@@ -205,13 +234,17 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
   }
 }
 
-// Receiver block of pair s: warp w owns the pairs q = t * L + p (source node m, local rank p),
-// as the forwarder's; q's records arrive in my ring (m, p) from forwarder p and are placed by
-// dst_row. A warp drains up to a ring per visit and polls all its pairs when none has records.
-DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g, int s, uint32_t* next) {
+// Receiver block of pair s: units as the forwarder's; unit (q, u) places records i = k * G + u
+// (k = 0, 1, ...) of my ring (m, p) from forwarder p by dst_row, and the G of them hand the slots
+// back in order (turn[q]). A warp drains up to a ring per visit and polls all its units when none
+// has records.
+DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g, int s, uint32_t* next,
+                                   uint32_t* turn) {
   const int L = a.num_ranks, me = a.rank, n = a.node;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int nodes = g.nodes_of(s), pairs = nodes * L;
+  const int nodes = g.nodes_of(s);
+  const RailUnits units = RailUnits::of(nodes * L, warps);
+  const int G = units.per_pair;
   const uint64_t own = a.peers.ptr[me];
   // A receiver of remote nodes' records waits twice as long: the forwarder waiting on the rail
   // then reports first and names the rail peer, not itself.
@@ -222,20 +255,22 @@ DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g,
   const int64_t rb = rl.bytes();
   const int64_t slots = a.ring_slots;
   const int32_t* recv_counts = reinterpret_cast<const int32_t*>(a.recv_counts);
+  auto record_of = [&](int x, int64_t k) { return k * G + x / units.pairs; };  // unit x's k-th record
   for (;;) {
     bool pending = false, moved = false;
-    for (int q = warp; q < pairs; q += warps) {
+    for (int x = warp; x < units.count(); x += warps) {
+      const int q = x % units.pairs;
       const int m = g.node(s, q / L), p = q % L;
-      const int64_t count = recv_counts[m * L + p], first = next[q];
-      if (first >= count) continue;
+      const int64_t count = recv_counts[m * L + p], first = next[x];
+      if (record_of(x, first) >= count) continue;
       pending = true;
       const uint8_t* ring = ring_of(own, m, p, L, slots, rb);
       const uint64_t* tail = tail_of(own, m, p);
       uint64_t* head = head_of(a.peers.ptr[p], m, me);
-      const int64_t stop = count < first + slots ? count : first + slots;
       uint64_t seen = 0;  // lane 0's last acquire of the tail
-      int64_t i = first;
-      for (; i < stop; ++i) {
+      int64_t k = first;
+      for (; k < first + slots && record_of(x, k) < count; ++k) {
+        const int64_t i = record_of(x, k);
         int go = 1;
         if (lane == 0 && seen <= static_cast<uint64_t>(i)) {
           seen = port::ld_acquire(tail);
@@ -251,33 +286,37 @@ DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g,
         }
         place_record(a, rl, rec, row, -1, lane);
         __syncwarp();
-        if (lane == 0) port::st_release(head, static_cast<uint64_t>(i + 1));
+        if (lane == 0) go = publish_in_turn(w, turn + q, G, i, head, false, WaitSite{n * L + p, m, kWaitDispatchData});
+        if (!__shfl_sync(0xffffffffu, go, 0)) return;
       }
-      moved = moved || i != first;
-      __syncwarp();  // every lane has read next[q]
-      if (lane == 0) next[q] = static_cast<uint32_t>(i);
+      moved = moved || k != first;
+      __syncwarp();  // every lane has read next[x]
+      if (lane == 0) next[x] = static_cast<uint32_t>(k);
       __syncwarp();
     }
     if (!pending) return;
     if (moved) continue;
     int ok = 1;
     if (lane == 0) {
-      auto waits = [&](int q) {
-        const int m = g.node(s, q / L), p = q % L;
-        return next[q] < static_cast<uint32_t>(recv_counts[m * L + p]);
+      auto waits = [&](int x) {
+        const int q = x % units.pairs;
+        return record_of(x, next[x]) < recv_counts[g.node(s, q / L) * L + q % L];
       };
       auto poll = [&]() {
         bool waiting = false;
-        for (int q = warp; q < pairs; q += warps) {
-          if (!waits(q)) continue;
-          if (port::ld_acquire(tail_of(own, g.node(s, q / L), q % L)) > next[q]) return true;
+        for (int x = warp; x < units.count(); x += warps) {
+          if (!waits(x)) continue;
+          const int q = x % units.pairs;
+          const uint64_t i = static_cast<uint64_t>(record_of(x, next[x]));
+          if (port::ld_acquire(tail_of(own, g.node(s, q / L), q % L)) > i) return true;
           waiting = true;
         }
         return !waiting;
       };
       auto site = [&]() {
-        for (int q = warp; q < pairs; q += warps) {
-          if (waits(q)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitDispatchData};
+        for (int x = warp; x < units.count(); x += warps) {
+          const int q = x % units.pairs;
+          if (waits(x)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitDispatchData};
         }
         return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchData};
       };
@@ -290,19 +329,18 @@ DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g,
 // Blocks 2s (forwarder) and 2s + 1 (receiver) serve source nodes s, s + S, ... (RailGrid).
 __global__ void __launch_bounds__(kThreads, 1) rail_forward_kernel(RailDispatchArgs a) {
   const ProfileScope profile_scope(a.profile);  // profile_record.h
-  DISPATCH_SHARED_ARRAY(uint32_t, next, kMaxRailPairs);  // per pair: records forwarded (placed)
-  DISPATCH_SHARED_ARRAY(uint32_t, sent, kMaxRailPairs);  // per pair: records written to the ring
+  DISPATCH_SHARED_ARRAY(uint32_t, next, kMaxRailPairs);  // per unit: records forwarded (placed)
+  DISPATCH_SHARED_ARRAY(uint32_t, sent, kMaxRailPairs);  // forwarder, per unit: ring slots counted
+  DISPATCH_SHARED_ARRAY(uint32_t, turn, kMaxRailPairs);  // per pair: ring slots published
   const RailGrid g{static_cast<int>(gridDim.x / 2), a.num_nodes};
   const int s = blockIdx.x / 2;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (call_is_void(a.peers.ptr[a.rank])) return;
-  // each warp touches only its own pairs: no block barrier
-  for (int q = warp; q < g.nodes_of(s) * a.num_ranks; q += warps) {
-    if (lane == 0) next[q] = sent[q] = 0;
-  }
-  __syncwarp();
-  if (blockIdx.x % 2 == 0) forward_pairs(a, g, s, next, sent);
-  else receive_pairs(a, g, s, next);
+  const RailUnits units = RailUnits::of(g.nodes_of(s) * a.num_ranks, blockDim.x / 32);
+  for (int x = threadIdx.x; x < units.count(); x += blockDim.x) next[x] = sent[x] = 0;
+  for (int q = threadIdx.x; q < units.pairs; q += blockDim.x) turn[q] = 0;
+  __syncthreads();  // a pair's warps take turns through turn[q]
+  if (blockIdx.x % 2 == 0) forward_pairs(a, g, s, next, sent, turn);
+  else receive_pairs(a, g, s, next, turn);
 }
 
 __global__ void rail_throttle_kernel(uint64_t min_duration_ns) {
@@ -348,12 +386,10 @@ void launch_rail_pack(const RailDispatchArgs& a, uintptr_t stream) {
 
 void launch_rail_forward(const RailDispatchArgs& a, uintptr_t stream) {
   check_rail(a);
-  // a warp per (source node, local rank) pair of a block, up to 16 (4 on SIMT: it pays per thread)
+  // every warp works: on several (source node, local rank) pairs, or several warps on one pair
+  // (RailUnits); 4 warps on SIMT, which pays per thread
   const RailGrid g = RailGrid::of(a.num_sms, a.num_nodes);
-  const int most_warps = is_simt() ? 4 : kThreads / 32;
-  const int pairs = g.most_nodes() * a.num_ranks;
-  const int warps = pairs < most_warps ? pairs : most_warps;
-  DISPATCH_LAUNCH(rail_forward_kernel, 2 * g.slots, 32 * warps, 0, as_stream(stream), a);
+  DISPATCH_LAUNCH(rail_forward_kernel, 2 * g.slots, is_simt() ? 128 : kThreads, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
