@@ -38,6 +38,7 @@
 #include "rail_api.h"
 #include "element.h"
 #include "profile_record.h"
+#include "rail_units.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -45,14 +46,16 @@ namespace {
 
 constexpr int kFinalBlocks = 132;
 
-// Returner block of pair s: warp w owns the pairs q = t * L + j (t-th source node m of the block,
-// local rank j) with q = w, w + warps, ...: the rows I received from source (m, j) go, in order,
-// into ring (m, me) of local rank j. A warp copies up to a ring per visit and polls all its pairs
-// (until_any) when none has space: waiting on one could hold up another rank's reducer.
-DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* next) {
+// Returner block of pair s: units as the forwarder's (rail_units.h): unit (q, u) of pair q =
+// (source node m, local rank j) copies rows i = k * G + u (k = 0, 1, ...) of those I received from
+// source (m, j) into ring (m, me) of local rank j, the G of them publishing the tail in order. A
+// warp copies up to a ring per visit and polls all its units (until_any) when none has space:
+// waiting on one could hold up another rank's reducer.
+DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* next, uint32_t* turn) {
   const int L = a.num_ranks, me = a.rank, n = a.node, k = a.num_topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const int pairs = g.nodes_of(s) * L;
+  const RailUnits units = RailUnits::of(g.nodes_of(s) * L, warps);
+  const int G = units.per_pair;
   const uint64_t own = a.peers.ptr[me];
   const Waiter w{own, a.wait, 0};
   const int64_t x_bytes = a.hidden * dtype_bytes(a.dtype);
@@ -66,18 +69,20 @@ DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, i
   auto has_space = [&](int m, int j, uint64_t i) {  // lane 0: may row i enter ring (m, me) at j?
     return i + 1 <= static_cast<uint64_t>(slots) || port::ld_acquire(head_of(own, m, j)) >= i + 1 - slots;
   };
+  auto row_of = [&](int unit, int64_t kth) { return kth * G + unit / units.pairs; };  // unit's kth row
   for (;;) {
     bool pending = false, moved = false;
-    for (int q = warp; q < pairs; q += warps) {
+    for (int unit = warp; unit < units.count(); unit += warps) {
+      const int q = unit % units.pairs;
       const int m = g.node(s, q / L), j = q % L;
-      const int64_t lo = recv_base[m * L + j], count = recv_counts[m * L + j], first = next[q];
-      if (first >= count) continue;
+      const int64_t lo = recv_base[m * L + j], count = recv_counts[m * L + j], first = next[unit];
+      if (row_of(unit, first) >= count) continue;
       pending = true;
       uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, row_bytes);
       uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
-      const int64_t stop = count < first + slots ? count : first + slots;
-      int64_t i = first;
-      for (; i < stop; ++i) {
+      int64_t kth = first;
+      for (; kth < first + slots && row_of(unit, kth) < count; ++kth) {
+        const int64_t i = row_of(unit, kth);
         int go = 1;
         if (lane == 0) go = has_space(m, j, static_cast<uint64_t>(i));
         if (!__shfl_sync(0xffffffffu, go, 0)) break;
@@ -85,36 +90,36 @@ DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, i
         warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
         if (lane < k) store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
         __syncwarp();
-        if (lane == 0) {
-          __threadfence_system();
-          port::st_release(tail, static_cast<uint64_t>(i + 1));
-        }
+        if (lane == 0) go = publish_in_turn(w, turn + q, G, i, tail, true, WaitSite{n * L + j, m, kWaitCombineSpace});
+        if (!__shfl_sync(0xffffffffu, go, 0)) return;
       }
-      moved = moved || i != first;
-      __syncwarp();  // every lane has read next[q]
-      if (lane == 0) next[q] = static_cast<uint32_t>(i);
+      moved = moved || kth != first;
+      __syncwarp();  // every lane has read next[unit]
+      if (lane == 0) next[unit] = static_cast<uint32_t>(kth);
       __syncwarp();
     }
     if (!pending) return;
     if (moved) continue;
     int ok = 1;
     if (lane == 0) {
-      auto waits = [&](int q) {
-        const int m = g.node(s, q / L);
-        return next[q] < static_cast<uint32_t>(recv_counts[m * L + q % L]);
+      auto waits = [&](int unit) {
+        const int q = unit % units.pairs;
+        return row_of(unit, next[unit]) < recv_counts[g.node(s, q / L) * L + q % L];
       };
       auto poll = [&]() {
         bool waiting = false;
-        for (int q = warp; q < pairs; q += warps) {
-          if (!waits(q)) continue;
-          if (has_space(g.node(s, q / L), q % L, next[q])) return true;
+        for (int unit = warp; unit < units.count(); unit += warps) {
+          if (!waits(unit)) continue;
+          const int q = unit % units.pairs;
+          if (has_space(g.node(s, q / L), q % L, static_cast<uint64_t>(row_of(unit, next[unit])))) return true;
           waiting = true;
         }
         return !waiting;
       };
       auto site = [&]() {
-        for (int q = warp; q < pairs; q += warps) {
-          if (waits(q)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitCombineSpace};
+        for (int unit = warp; unit < units.count(); unit += warps) {
+          const int q = unit % units.pairs;
+          if (waits(unit)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitCombineSpace};
         }
         return WaitSite{n * L + me, g.node(s, 0), kWaitCombineSpace};
       };
@@ -243,18 +248,18 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
 template <typename AccT>
 __global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
   const ProfileScope profile_scope(a.profile);  // profile_record.h
-  DISPATCH_SHARED_ARRAY(uint32_t, state, kMaxRailPairs);  // returner: rows sent per pair; reducer: consumed
-  DISPATCH_SHARED_ARRAY(uint32_t, done, kMaxNodes);      // reducer: records summed per node
+  DISPATCH_SHARED_ARRAY(uint32_t, state, kMaxRailPairs);  // returner: rows taken per unit; reducer: consumed
+  DISPATCH_SHARED_ARRAY(uint32_t, turn, kMaxRailPairs);   // returner: ring slots published per pair
+  DISPATCH_SHARED_ARRAY(uint32_t, done, kMaxNodes);       // reducer: records summed per node
   const RailGrid g{static_cast<int>(gridDim.x / 2), a.num_nodes};
   const int s = blockIdx.x / 2;
   if (call_is_void(a.peers.ptr[a.rank])) return;
   if (blockIdx.x % 2 == 0) {
-    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int q = warp; q < g.nodes_of(s) * a.num_ranks; q += warps) {
-      if (threadIdx.x % 32 == 0) state[q] = 0;  // each warp touches only its own pairs
-    }
-    __syncwarp();
-    return_pairs(a, g, s, state);
+    const RailUnits units = RailUnits::of(g.nodes_of(s) * a.num_ranks, blockDim.x / 32);
+    for (int x = threadIdx.x; x < units.count(); x += blockDim.x) state[x] = 0;
+    for (int q = threadIdx.x; q < units.pairs; q += blockDim.x) turn[q] = 0;
+    __syncthreads();  // a pair's warps take turns through turn[q]
+    return_pairs(a, g, s, state, turn);
   } else {
     reduce_nodes<AccT>(a, g, s, state, done);
   }

@@ -38,6 +38,7 @@
 #include "element.h"
 #include "place_record.h"
 #include "profile_record.h"
+#include "rail_units.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -82,34 +83,6 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
 
 // What a forwarder's unit can do now, without waiting.
 enum PairState { kPairDone, kPairReady, kPairWaitsRail, kPairWaitsSpace };
-
-// Work units of a forward-kernel block: its (source node, local rank) pairs q = t * L + j (t-th
-// source node of the block), each split among G = warps / pairs warps when the block has more
-// warps than pairs: sub-unit u of pair q copies the records of q's ring slots o with o % G == u,
-// and the G of them publish the ring's counter in slot order, taking turns through turn[q].
-// Unit x = u * pairs + q; warp w owns units x = w, w + warps, ... (several when G = 1).
-struct RailUnits {
-  int pairs, per_pair;  // per_pair: G
-  DISPATCH_DEVICE static RailUnits of(int pairs, int warps) { return RailUnits{pairs, warps > pairs ? warps / pairs : 1}; }
-  DISPATCH_DEVICE int count() const { return pairs * per_pair; }
-};
-
-// Lane 0 of the unit holding ring slot `slot` of a pair, once the slot's record is written (or
-// read): waits for the previous slot's owner to have published (its sibling warp, which can
-// always get there: its record arrived, and its slot freed, no later than this one), publishes
-// slot + 1 into `counter` (after a system fence when `fence`: the record's bytes first), then
-// hands the turn on. A pair of one warp has no turns to take.
-DISPATCH_DEVICE bool publish_in_turn(const Waiter& w, uint32_t* turn, int per_pair, uint64_t slot, uint64_t* counter,
-                                     bool fence, WaitSite site) {
-  if (per_pair > 1) {
-    auto my_turn = [&]() { return port::ld_acquire_block(turn) == static_cast<uint32_t>(slot); };
-    if (!w.until_any(my_turn, [&]() { return site; })) return false;
-  }
-  if (fence) __threadfence_system();
-  port::st_release(counter, slot + 1);
-  if (per_pair > 1) port::st_release_block(turn, static_cast<uint32_t>(slot + 1));
-  return true;
-}
 
 // The records of source node m that chunk arrival counters must cover before record i is read.
 DISPATCH_DEVICE uint64_t chunks_needed(const RailDispatchArgs& a, int64_t i) {
