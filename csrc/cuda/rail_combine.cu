@@ -2,28 +2,30 @@
 // Grids under Config.num_sms (RailGrid, rail_api.h): S = min(num_sms / 2, N) block pairs.
 // Warp roles:
 //   rail_reduce_kernel: 2S blocks of kThreads threads (128 on SIMT). Block 2s (returner) serves
-//     source nodes s, s + S, ...: every warp takes (source node m, local rank j) pairs, copying
-//     the rows I received from source (m, j) into ring (m, me) of local rank j; a warp with
-//     several pairs visits them in turn and polls them all when none has ring space. Block
+//     source nodes s, s + S, ...: its (source node m, local rank j) pairs are spread over all its
+//     warps as the forwarder's (rail_units.h: several pairs per warp, or several warps per pair
+//     publishing the tail in slot order), copying the rows I received from source (m, j) into
+//     ring (m, me) of local rank j; a warp polls all its units when none has ring space. Block
 //     2s + 1 (reducer): thread 0 polls the block's nodes for a record whose contributors have all
 //     returned their rows, then every thread sums columns (col = threadIdx.x strided).
 //   rail_final_kernel: <= min(num_sms, 132) blocks (4 on SIMT) x kThreads, a token per block
 //     (strided), columns across threads.
 // Bytes in flight per SM, by construction (Little's law at 0.5 us latency):
-//   returner: min(16, ceil(N / S) * L) warps x 2 KiB (warp_copy, 4 x 16 B per lane): S = N,
-//     L = 8: 16 KiB, 32 GB/s per SM; a block serving 2 nodes of 8 ranks: 32 KiB, 64 GB/s.
+//   returner: G * pairs of its 16 warps x 2 KiB (warp_copy, 4 x 16 B per lane): 16 warps when
+//     pairs = ceil(N / S) * L divides 16 or exceeds it: 32 KiB, 64 GB/s per SM (before: L warps,
+//     L = 8: 16 KiB, 32 GB/s).
 //   reducer: one scalar load per thread per contributor, independent: at most 512 x c x 4 B
 //     (8 B for fp64) = 2c KiB per record, c <= L contributors: L = 8: 16 KiB, 32 GB/s per SM;
 //     then a __syncthreads per record (the slots are handed back), so records do not overlap.
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
 //     but up to min(num_sms, 132) SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 96 registers (64 before the polling
-//   reducer), 4424 bytes static shared (consumed per pair, uint32 [kMaxRailPairs]; summed per
-//   node; the contributors), 0 spill: one 512-thread block per SM (96 x 512 < 64K; the grid
-//   is one block per SM anyway). Under __launch_bounds__(kThreads) alone ptxas held the old
-//   reducer to 40 registers and <double> spilled 24 bytes; (kThreads, 1) lets it take what it
-//   needs. rail_final_kernel<float> 27 registers, <double> 28 registers, 0 spill (a 48-byte stack
-//   frame: a local array, not a spill).
+// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 110 registers (64 before the units
+//   and the polling reducer), 8520 bytes static shared (per unit / pair: rows taken or consumed,
+//   turns; per node: records summed; the contributors), 0 spill: one 512-thread block per SM
+//   (110 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
+//   alone ptxas held the old reducer to 40 registers and <double> spilled 24 bytes;
+//   (kThreads, 1) lets it take what it needs. rail_final_kernel<float> 27 registers, <double>
+//   28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
 // Two-hop combine, dispatch run backwards. The reduce kernel: block 2s returns the rows I
 // received from source nodes m = s, s + S, ... to their forwarders (source (m, j)'s rows to local
 // rank j, ring (m, me) there); block 2s + 1 is my reducer for those nodes: for every record I forwarded

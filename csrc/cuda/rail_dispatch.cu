@@ -3,28 +3,28 @@
 // Warp roles:
 //   rail_pack_kernel: <= min(num_sms, 64) blocks x 16 warps (kThreads = 512; 128 threads on
 //     SIMT); one send record per warp (grid-strided): dst rows, routing, then the x row and scales.
-//   rail_forward_kernel: 2S blocks of 32 * min(16, ceil(N / S) * L) threads (at most 4 warps on
-//     SIMT). Block 2s forwards source nodes s, s + S, ...: a warp per (source node m, local rank
-//     j) pair pushes m's records to j's ring, several pairs per warp when they outnumber the
-//     warps; block 2s + 1 receives them: a warp per (m, p) pair places the rows local rank p
-//     forwarded to me. A warp visits its pairs in turn (up to a chunk / a ring per visit) and
-//     only waits, polling all of them, when none can move.
+//   rail_forward_kernel: 2S blocks of 16 warps (4 on SIMT). Block 2s forwards source nodes s,
+//     s + S, ...: its (source node m, local rank j) pairs are spread over its warps
+//     (rail_units.h): several pairs per warp when they outnumber the warps, else G = warps /
+//     pairs warps per pair, each copying the records of its own ring slots and publishing the
+//     tail in slot order (turns through shared memory). Block 2s + 1 receives alike: units of
+//     (m, p) place the rows local rank p forwarded to me and hand the slots back in order. A warp
+//     visits its units in turn (up to a chunk / a ring per visit) and only waits, polling all of
+//     them, when none can move.
 // Bytes in flight per SM, by construction: warp_copy (element.h) issues 4 independent 16-byte
 //   loads per lane before its stores when both ends are 16-byte aligned: 2 KiB per working warp.
 //   pack: 16 warps -> 32 KiB per SM; at 0.5 us latency (Little's law) 64 GB/s per SM.
-//   forward: min(16, ceil(N / S) * L) warps -> 2 KiB each. S = N (num_sms >= 2N): L warps,
-//   2L KiB: L = 8: 16 KiB, 32 GB/s per SM; L = 2: 4 KiB, 8 GB/s, under the 40 GB/s goal. With
-//   S < N a block serves ceil(N / S) nodes and more of its warps work (N = 8, L = 4, num_sms = 4:
-//   16 warps, 32 KiB, 64 GB/s per SM on 4 SMs). Still open (item 2): several warps on one pair
-//   (its tail is published in record order, so they would need a shared completion count).
+//   forward: min(16, G * pairs) warps work, pairs = ceil(N / S) * L: all 16 when pairs divides
+//   16 or exceeds it, at least 9 otherwise. L = 8 or 2, one node per block: 16 warps, 32 KiB,
+//   64 GB/s per SM (before: L warps, 2L KiB: L = 2 gave 8 GB/s); L = 6: 12 warps, 24 KiB, 48 GB/s.
 //   Rows that are not 16-byte aligned fall back to 4-byte granules (fewer bytes in flight).
 // Flags: one acquire of the arrival counter per chunk, one of the head only when the ring looks
-//   full, one release fence and tail store per forwarded record; the receiver one head store per
-//   record placed.
+//   full, one release fence and tail store per forwarded record (plus a shared-memory turn
+//   handed on when G > 1); the receiver one head store per record placed.
 // ptxas -v (sm_90): rail_pack_kernel 64 registers (56 before ProfileScope), rail_forward_kernel
-//   114 registers (90 before the pairs; launch bounds of one block per SM: 114 x 512 < 64K),
-//   8192 bytes static shared (next/sent per pair, uint32 [kMaxRailPairs] each), 0 bytes spill
-//   stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
+//   120 registers (90 before the units; launch bounds of one block per SM: 120 x 512 < 64K),
+//   12288 bytes static shared (next/sent per unit, turn per pair: uint32 [kMaxRailPairs] each),
+//   0 bytes spill stores/loads, 0 stack; rail_arrive/rail_throttle 8 registers.
 // Two-hop dispatch, the CUDA side of the rail: the rail sender packs each of my tokens once per
 // destination node (RecordLayout with the L destination rows there); the transport moves node
 // m's records to my rail peer on node m in chunks and bumps its arrival counter; on the
