@@ -325,3 +325,21 @@ def test_odd_num_sms_is_refused(device):
                              config=Config(num_sms=3))
             return True
         assert lb.run(step) == [True] * (N * L)
+
+
+def test_loopback_resident_blocks_follow_num_sms():
+    """In a loopback every virtual rank's forward (reduce) blocks must be resident at once:
+    R x 2 min(num_sms / 2, N) of them. Capped at 8 resident blocks, a 2x2 cluster fits num_sms 2
+    (8 blocks) and refuses num_sms 4 (16), naming num_sms."""
+    from dispatch.cuda.device import SimtDevice, simt_available
+    if not simt_available():
+        pytest.skip("dispatch._simt was not built")
+    with cluster("simt", 2, 2) as lb:
+        backend = lb.buffers[0]._backend
+        SimtDevice.configure(max_resident_blocks=8)
+        try:
+            backend.check_config(Config(num_sms=2))
+            with pytest.raises(ValueError, match="num_sms=4.*16 resident blocks"):
+                backend.check_config(Config(num_sms=4))
+        finally:
+            SimtDevice.configure(max_resident_blocks=0)

@@ -186,9 +186,13 @@ class TwoHopBackend(DeviceCalls):
         if num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms must be even and >= 2 on the CUDA backend (a forwarder and a receiver block), "
                              f"got {num_sms}")
+        pair_blocks = 2 * min(num_sms // 2, self.topo.num_nodes)
+        have = int(self.mod.resident_block_limit(self.mod.THREADS_PER_BLOCK)) or (1 << 30)
+        if not self.loopback and pair_blocks > have:
+            raise ValueError(f"num_sms={num_sms}: the two-hop kernels need {pair_blocks} resident blocks of "
+                             f"{KERNEL_THREADS} threads, the {self.device_kind} device holds {have}; lower num_sms")
         if self.loopback:
-            need = self.topo.num_ranks * 2 * min(num_sms // 2, self.topo.num_nodes)
-            have = int(self.mod.resident_block_limit(self.mod.THREADS_PER_BLOCK)) or (1 << 30)
+            need = self.topo.num_ranks * pair_blocks
             if need > have:
                 raise ValueError(f"num_sms={num_sms}: a loopback of {self.topo.num_ranks} virtual ranks on "
                                  f"{self.topo.num_nodes} nodes needs {need} resident blocks of {KERNEL_THREADS} "
