@@ -34,7 +34,6 @@ struct RailGrid {
   }
   DISPATCH_HD int nodes_of(int s) const { return (num_nodes - s + slots - 1) / slots; }
   DISPATCH_HD int node(int s, int t) const { return s + t * slots; }  // t-th source node of pair s
-  DISPATCH_HD int most_nodes() const { return (num_nodes + slots - 1) / slots; }
 };
 
 struct RailDispatchArgs {
