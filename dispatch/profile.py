@@ -26,7 +26,8 @@ Backend contract (the executors call these):
 Kernel names are dotted, ``"<op>.<stage>"`` (``"dispatch.pack_rail"``, ``"dispatch.node_copy"``,
 ``"combine.reduce"``, ``"combine.node_copy"``, ``"combine.accumulate"``, ...); the CUDA backend's
 are ``"dispatch.layout"``, ``"notify"`` (every call's handshake), ``"dispatch.node_copy"`` and
-``"combine.node_copy"``.
+``"combine.node_copy"``; across nodes ``"dispatch.rail_pack"``, ``"dispatch.rail_forward"``,
+``"combine.rail_reduce"`` and ``"combine.rail_final"``.
 """
 
 from __future__ import annotations

@@ -26,11 +26,15 @@ def cluster(device, N, L, **kwargs):
 
 
 CASES = [
-    # N, L, E/R, k, H, dtype, nvl_bytes (small: rings wrap), chunk_tokens (small: many rail chunks)
-    (2, 2, 2, 3, 40, torch.bfloat16, 0, None),
-    (2, 4, 2, 4, 24, torch.float32, 0, 4),
-    (4, 2, 2, 3, 33, torch.float16, (512 << 10) + 4096, 3),
-    (2, 2, 3, 2, 16, torch.float64, 0, 5),
+    # N, L, E/R, k, H, dtype, nvl_bytes (small: rings wrap), chunk_tokens (small: many rail chunks),
+    # num_sms (below 2 N: a forwarder/receiver block pair serves several source nodes)
+    (2, 2, 2, 3, 40, torch.bfloat16, 0, None, 2),
+    (2, 4, 2, 4, 24, torch.float32, 0, 4, 2),
+    (4, 2, 2, 3, 33, torch.float16, (512 << 10) + 4096, 3, 2),
+    (2, 2, 3, 2, 16, torch.float64, 0, 5, 2),
+    (4, 2, 2, 2, 24, torch.bfloat16, (512 << 10) + 4096, 2, 4),  # 2 nodes per block pair
+    (2, 4, 2, 3, 32, torch.float32, 0, 3, 6),  # a block pair per node (S = N)
+    (2, 2, 2, 3, 40, torch.bfloat16, (512 << 10) + 4096, 2, 4),  # S = N, 2 warps per (node, rank) pair on SIMT
 ]
 
 
@@ -38,14 +42,14 @@ def _params():
     return [pytest.param(dev.values[0], *case, marks=dev.marks) for case in CASES for dev in DEVICES]
 
 
-@pytest.mark.parametrize("device,N,L,epr,k,H,dtype,nvl,chunk", _params())
-def test_two_hop_matches_reference(device, N, L, epr, k, H, dtype, nvl, chunk):
+@pytest.mark.parametrize("device,N,L,epr,k,H,dtype,nvl,chunk,num_sms", _params())
+def test_two_hop_matches_reference(device, N, L, epr, k, H, dtype, nvl, chunk, num_sms):
     R = N * L
     E = epr * R
     tokens = [int(t) for t in torch.randint(0, 40, (R,), generator=torch.Generator().manual_seed(R + H))]
     tokens[1] = 0  # a rank with no tokens
     xs, idxs, ws = inputs(R, E, k, H, dtype, seed=R * 10 + H, tokens=tokens)
-    config = Config(num_sms=2, chunk_tokens=chunk)
+    config = Config(num_sms=num_sms, chunk_tokens=chunk)
     kw = {"num_nvl_bytes": nvl} if nvl else {}
     with cluster(device, N, L, **kw) as lb:
         def step(r, buf):
@@ -301,3 +305,70 @@ def test_rail_buffers_persist_across_calls(device, monkeypatch):
         assert set(ptrs0) >= {"dispatch_send", "dispatch_recv", "combine_partials", "combine_recv"}, r
         assert ptrs0 == ptrs1, r
         assert bit_equal(rx0, rx1) and bit_equal(out0, out1), r
+
+
+TWO_HOP_KERNELS = ("dispatch.rail_pack", "dispatch.rail_forward", "combine.rail_reduce", "combine.rail_final")
+
+
+@pytest.mark.parametrize("device,N,L,num_sms", [pytest.param(d.values[0], N, L, sms, marks=d.marks)
+                                                for N, L, sms in ((4, 2, 2), (2, 4, 2), (4, 2, 4)) for d in DEVICES])
+def test_blocks_within_num_sms(device, N, L, num_sms):
+    """dispatch.profile's rows (one per block that ran): every two-hop kernel of every rank ran
+    on at most num_sms distinct blocks; forward and reduce on exactly 2 min(num_sms / 2, N)."""
+    import dispatch.profile as dprof
+    R = N * L
+    E = 2 * R
+    xs, idxs, ws = inputs(R, E, 2, 24, torch.bfloat16, seed=N * 7 + L, tokens=[30] * R)
+    config = Config(num_sms=num_sms, chunk_tokens=4)
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            x, idx, w = to_device(xs[r], device), to_device(idxs[r], device), to_device(ws[r], device)
+            recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=E,
+                                                           config=config)
+            out, _, _ = buf.combine(recv_x, handle, topk_weights=recv_w, config=config)
+            sync(device)
+            return recv_x.cpu()
+        with dprof.profile() as prof:
+            res = lb.run(step)
+    for d in range(R):
+        assert bit_equal(res[d], reference_dispatch(xs, idxs, ws, E, L, d)["recv_x"]), d
+    pair_blocks = 2 * min(num_sms // 2, N)
+    for rank in range(R):
+        for kernel in TWO_HOP_KERNELS:
+            blocks = {rec.worker for rec in prof.records if rec.rank == rank and rec.kernel == kernel}
+            assert blocks, (rank, kernel)
+            assert max(blocks) < num_sms and len(blocks) <= num_sms, (rank, kernel, sorted(blocks))
+            if kernel in ("dispatch.rail_forward", "combine.rail_reduce"):
+                assert blocks == set(range(pair_blocks)), (rank, kernel, sorted(blocks))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_odd_num_sms_is_refused(device):
+    """A forwarder needs its receiver block: num_sms must be even and >= 2, named in the error."""
+    N, L, E = 2, 2, 8
+    xs, idxs, _ = inputs(N * L, E, 2, 16, torch.bfloat16, seed=5, tokens=[4] * 4)
+    with cluster(device, N, L) as lb:
+        def step(r, buf):
+            with pytest.raises(ValueError, match="num_sms"):
+                buf.dispatch(to_device(xs[r], device), topk_idx=to_device(idxs[r], device), num_experts=E,
+                             config=Config(num_sms=3))
+            return True
+        assert lb.run(step) == [True] * (N * L)
+
+
+def test_loopback_resident_blocks_follow_num_sms():
+    """In a loopback every virtual rank's forward (reduce) blocks must be resident at once:
+    R x 2 min(num_sms / 2, N) of them. Capped at 8 resident blocks, a 2x2 cluster fits num_sms 2
+    (8 blocks) and refuses num_sms 4 (16), naming num_sms."""
+    from dispatch.cuda.device import SimtDevice, simt_available
+    if not simt_available():
+        pytest.skip("dispatch._simt was not built")
+    with cluster("simt", 2, 2) as lb:
+        backend = lb.buffers[0]._backend
+        SimtDevice.configure(max_resident_blocks=8)
+        try:
+            backend.check_config(Config(num_sms=2))
+            with pytest.raises(ValueError, match="num_sms=4.*16 resident blocks"):
+                backend.check_config(Config(num_sms=4))
+        finally:
+            SimtDevice.configure(max_resident_blocks=0)

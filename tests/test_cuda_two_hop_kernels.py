@@ -34,37 +34,44 @@ def drivers() -> Dict[str, Path]:
 
 
 def _run(binary: Path, N: int, L: int, T: int, H: int, k: int, E: int, chunk: int, rail_ns: int,
-         timeout_s: float = 30.0, yield_seed: Optional[int] = None) -> subprocess.CompletedProcess:
+         timeout_s: float = 30.0, yield_seed: Optional[int] = None, num_sms: Optional[int] = None
+         ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["TSAN_OPTIONS"] = f"halt_on_error=0 exitcode={TSAN_EXIT_CODE} history_size=4"
     if yield_seed:
         env["SIMT_YIELD_SEED"] = str(yield_seed)
     args = [str(binary), str(N), str(L), str(T), str(H), str(k), str(E), str(SMALL_STAGING), str(timeout_s), "1",
-            str(chunk), str(rail_ns)]
+            str(chunk), str(rail_ns)] + ([str(num_sms)] if num_sms else [])
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("N,L", [(2, 2), (2, 4), (4, 2)])
-def test_plain(drivers, N, L):
-    res = _run(drivers["plain"], N, L, T=40, H=24, k=4, E=2 * N * L, chunk=3, rail_ns=100_000)
+@pytest.mark.parametrize("N,L,num_sms", [(2, 2, None), (2, 4, None), (4, 2, None), (4, 2, 2), (4, 2, 4), (2, 4, 2)])
+def test_plain(drivers, N, L, num_sms):
+    """num_sms None: a block pair per source node; 2 or 4 (< 2 N): a pair serves several nodes."""
+    res = _run(drivers["plain"], N, L, T=40, H=24, k=4, E=2 * N * L, chunk=3, rail_ns=100_000, num_sms=num_sms)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "OK"
 
 
-def test_thread_sanitizer_sees_no_race(drivers):
-    res = _run(drivers["tsan"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=50_000, yield_seed=5)
+@pytest.mark.parametrize("N,num_sms", [(2, None), (3, 2)])
+def test_thread_sanitizer_sees_no_race(drivers, N, num_sms):
+    """num_sms 2 with 3 nodes: one forwarder, receiver, returner and reducer block per rank, each
+    serving every source node (the polling paths)."""
+    res = _run(drivers["tsan"], N, 2, T=24, H=16, k=3, E=4 * N, chunk=2, rail_ns=50_000, yield_seed=5, num_sms=num_sms)
     assert res.returncode == 0, f"exit {res.returncode}\n{res.stderr[-8000:]}"
     assert "ThreadSanitizer" not in res.stderr
     assert res.stdout.strip() == "OK"
 
 
 def test_forwarder_reading_before_arrival_is_caught(drivers):
-    """Chunks land 20 ms apart, so a forwarder one chunk ahead of the counters reads bytes still
+    """Chunks land 100 ms apart, so a forwarder one chunk ahead of the counters reads bytes still
     being copied (once, with a 0.2 ms gap on a loaded machine, it read after they landed and the
-    run passed): up to three runs with other seeds, the variant must be caught in one."""
+    run passed; at 20 ms, with the machine's 2 cores loaded, all three seeds passed both before
+    and after issue 14's 4-warp forwarder blocks; at 50 ms one seed of three): up to three runs
+    with other seeds, the variant must be caught in one."""
     caught = {3: "wrong output", 4: "kernel timeout", TSAN_EXIT_CODE: "ThreadSanitizer report"}
     for seed in (7, 8, 9):
-        res = _run(drivers["bad5"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=20_000_000, timeout_s=3.0,
+        res = _run(drivers["bad5"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=100_000_000, timeout_s=3.0,
                    yield_seed=seed)
         if res.returncode in caught:
             break

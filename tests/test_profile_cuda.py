@@ -191,7 +191,8 @@ def test_simt_virtual_sm_ids_follow_resident_slots():
     assert int(rows.abs().sum()) == 0 and int(outs[2].sum()) > 0
 
 
-KERNEL_SOURCES = ("layout.cu", "notify.cu", "intranode_dispatch.cu", "intranode_combine.cu")
+KERNEL_SOURCES = ("layout.cu", "notify.cu", "intranode_dispatch.cu", "intranode_combine.cu", "rail_dispatch.cu",
+                  "rail_combine.cu")
 
 
 @pytest.mark.parametrize("source", KERNEL_SOURCES)

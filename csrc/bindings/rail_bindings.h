@@ -30,7 +30,8 @@ inline void bind_rail(pybind11::module_& m) {
       RAIL_RW(RailDispatchArgs, recv_scales) RAIL_RW(RailDispatchArgs, recv_topk_idx)
       RAIL_RW(RailDispatchArgs, recv_topk_weights) RAIL_RW(RailDispatchArgs, recv_src_rank)
       RAIL_RW(RailDispatchArgs, recv_src_token) RAIL_RW(RailDispatchArgs, expert_begin)
-      RAIL_RW(RailDispatchArgs, experts_per_rank) RAIL_RW(RailDispatchArgs, wait);
+      RAIL_RW(RailDispatchArgs, experts_per_rank) RAIL_RW(RailDispatchArgs, num_sms)
+      RAIL_RW(RailDispatchArgs, profile) RAIL_RW(RailDispatchArgs, wait);
   py::class_<RailCombineArgs>(m, "RailCombineArgs", py::module_local())
       .def(py::init<>())
       .def("set_peer", [](RailCombineArgs& a, int i, uint64_t address) {
@@ -46,7 +47,8 @@ inline void bind_rail(pybind11::module_& m) {
       RAIL_RW(RailCombineArgs, positions) RAIL_RW(RailCombineArgs, partial_regions) RAIL_RW(RailCombineArgs, arrival)
       RAIL_RW(RailCombineArgs, num_chunks) RAIL_RW(RailCombineArgs, out) RAIL_RW(RailCombineArgs, out_weights)
       RAIL_RW(RailCombineArgs, bias0) RAIL_RW(RailCombineArgs, bias1) RAIL_RW(RailCombineArgs, bias0_dtype)
-      RAIL_RW(RailCombineArgs, bias1_dtype) RAIL_RW(RailCombineArgs, wait);
+      RAIL_RW(RailCombineArgs, bias1_dtype) RAIL_RW(RailCombineArgs, num_sms) RAIL_RW(RailCombineArgs, profile)
+      RAIL_RW(RailCombineArgs, wait);
 #undef RAIL_RW
   m.def("launch_rail_pack", &launch_rail_pack, nogil);
   m.def("launch_rail_forward", &launch_rail_forward, nogil);

@@ -66,6 +66,15 @@ DISPATCH_DEVICE void st_relaxed(int32_t* p, int32_t v) {
 DISPATCH_DEVICE void st_release(int32_t* p, int32_t v) {
   asm volatile("st.release.sys.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// Block scope, any address space (the warps of one block taking turns through shared memory).
+DISPATCH_DEVICE uint32_t ld_acquire_block(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.cta.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+DISPATCH_DEVICE void st_release_block(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.cta.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 DISPATCH_DEVICE uint64_t global_timer() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -105,6 +114,14 @@ DISPATCH_DEVICE void st_relaxed(uint64_t* p, uint64_t v) {
 }
 DISPATCH_DEVICE void st_relaxed(int32_t* p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 DISPATCH_DEVICE void st_release(int32_t* p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+DISPATCH_DEVICE uint32_t ld_acquire_block(const uint32_t* p) {
+  ::simt::maybe_yield();
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+DISPATCH_DEVICE void st_release_block(uint32_t* p, uint32_t v) {
+  ::simt::maybe_yield();
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
 DISPATCH_DEVICE uint64_t global_timer() { return ::simt::global_timer_ns(); }
 // The block's virtual SM: the resident slot it holds (docs/simt.md).
 DISPATCH_DEVICE uint32_t sm_id() { return static_cast<uint32_t>(::simt::sm_id()); }

@@ -8,17 +8,33 @@
 //   routes           int32 [records forwarded, L]: dst_row of every record I forwarded (combine)
 //   partial regions  per source node m, PartialRowLayout rows, one per record forwarded from m
 //                    (rows rounded to x's 16-bit dtype for remote m with round_rail_partials)
-// The forwarder of source node m is block 2m of the forward kernel; the ring (channel m, peer p)
-// of the node's staging carries forwarder p's records for source node m.
+// Grids under Config.num_sms (RailGrid): the forward and reduce kernels take S = min(num_sms / 2, N)
+// block pairs; pair s (blocks 2s, 2s + 1) serves source nodes s, s + S, s + 2S, ... Block 2s
+// forwards (returns) those nodes' records, block 2s + 1 receives (reduces) them. The ring
+// (channel m, peer p) of the node's staging carries forwarder p's records for source node m.
 #pragma once
 
 #include <cstdint>
 
+#include "../common/macros.h"
 #include "api.h"
 
 namespace dispatch::cuda {
 
 constexpr int kMaxNodes = 64;
+constexpr int kMaxRailPairs = kMaxNodes * kMaxPeers;  // (source node, local rank) pairs of one block
+
+// Which source nodes each block pair of the forward and reduce kernels serves (see above).
+struct RailGrid {
+  int slots;      // S: block pairs
+  int num_nodes;  // N
+  DISPATCH_HD static RailGrid of(int num_sms, int num_nodes) {
+    const int half = num_sms / 2;
+    return RailGrid{half < num_nodes ? half : num_nodes, num_nodes};
+  }
+  DISPATCH_HD int nodes_of(int s) const { return (num_nodes - s + slots - 1) / slots; }
+  DISPATCH_HD int node(int s, int t) const { return s + t * slots; }  // t-th source node of pair s
+};
 
 struct RailDispatchArgs {
   Peers peers{};                 // staging of the node's ranks, by local index
@@ -42,6 +58,8 @@ struct RailDispatchArgs {
   uint64_t recv_x = 0, recv_scales = 0, recv_topk_idx = 0, recv_topk_weights = 0;
   uint64_t recv_src_rank = 0, recv_src_token = 0;
   int64_t expert_begin = 0, experts_per_rank = 1;
+  int num_sms = 2;        // Config.num_sms: every kernel's grid is at most this (even, >= 2)
+  uint64_t profile = 0;   // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
   WaitArgs wait{};
 };
 
@@ -64,6 +82,8 @@ struct RailCombineArgs {
   uint64_t num_chunks = 0;                   // int64 [N]: chunks expected from node m
   uint64_t out = 0, out_weights = 0, bias0 = 0, bias1 = 0;
   int bias0_dtype = 0, bias1_dtype = 0;
+  int num_sms = 2;        // Config.num_sms: every kernel's grid is at most this (even, >= 2)
+  uint64_t profile = 0;   // device address of a zeroed uint64 [blocks][3] (profile_record.h), or 0: off
   WaitArgs wait{};
 };
 

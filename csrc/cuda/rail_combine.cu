@@ -1,28 +1,34 @@
 // ---- Kernel note (issue 14; figures from `nvcc -std=c++17 -arch=sm_90 -Xptxas -v -c`, 2026-12-04) ----
+// Grids under Config.num_sms (RailGrid, rail_api.h): S = min(num_sms / 2, N) block pairs.
 // Warp roles:
-//   rail_reduce_kernel: 2N blocks of max(kThreads, 32 * L) threads (128 on SIMT). Block 2m
-//     (returner): warp j < L copies the rows I received from source (m, j) into ring (m, me) of
-//     local rank j; the other warps idle. Block 2m + 1 (reducer): thread 0 waits for the
-//     contributors of one record, then every thread sums columns (col = threadIdx.x strided).
-//     NOT sized by Config.num_sms yet (issue 14 item 1, open): 2N SMs whatever num_sms.
-//   rail_final_kernel: <= 132 blocks (4 on SIMT) x kThreads, a token per block (strided),
-//     columns across threads.
+//   rail_reduce_kernel: 2S blocks of kThreads threads (128 on SIMT). Block 2s (returner) serves
+//     source nodes s, s + S, ...: its (source node m, local rank j) pairs are spread over all its
+//     warps as the forwarder's (rail_units.h: several pairs per warp, or several warps per pair
+//     publishing the tail in slot order), copying the rows I received from source (m, j) into
+//     ring (m, me) of local rank j; a warp polls all its units when none has ring space. Block
+//     2s + 1 (reducer): thread 0 polls the block's nodes for a record whose contributors have all
+//     returned their rows, then every thread sums columns (col = threadIdx.x strided).
+//   rail_final_kernel: <= min(num_sms, 132) blocks (4 on SIMT) x kThreads, a token per block
+//     (strided), columns across threads.
 // Bytes in flight per SM, by construction (Little's law at 0.5 us latency):
-//   returner: L warps x 2 KiB (warp_copy, 4 x 16 B per lane) = 2L KiB: L = 8: 32 GB/s per SM.
+//   returner: G * pairs of its 16 warps x 2 KiB (warp_copy, 4 x 16 B per lane): 16 warps when
+//     pairs = ceil(N / S) * L divides 16 or exceeds it: 32 KiB, 64 GB/s per SM (before: L warps,
+//     L = 8: 16 KiB, 32 GB/s).
 //   reducer: one scalar load per thread per contributor, independent: at most 512 x c x 4 B
 //     (8 B for fp64) = 2c KiB per record, c <= L contributors: L = 8: 16 KiB, 32 GB/s per SM;
 //     then a __syncthreads per record (the slots are handed back), so records do not overlap.
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
-//     but up to 132 SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 64 registers, 0 spill. Under
-//   __launch_bounds__(kThreads) alone ptxas held the reducer to 40 registers and <double> spilled
-//   24 bytes; (kThreads, 1) lets it take 64 (still 2 blocks of 512 per SM; 2N blocks in all).
-//   Hoisting the slot addresses or unrolling the contributor loop once did not help (12-24 B
-//   spills). rail_final_kernel<float> 26 registers,
-//   <double> 28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
-// Two-hop combine, dispatch run backwards. The reduce kernel: block 2m returns the rows I
-// received from source node m to their forwarders (warp j: source (m, j)'s rows to local rank j,
-// ring (m, me) there); block 2m + 1 is my reducer for source node m: for every record I forwarded
+//     but up to min(num_sms, 132) SMs work at once.
+// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 110 registers (64 before the units
+//   and the polling reducer), 8520 bytes static shared (per unit / pair: rows taken or consumed,
+//   turns; per node: records summed; the contributors), 0 spill: one 512-thread block per SM
+//   (110 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
+//   alone ptxas held the old reducer to 40 registers and <double> spilled 24 bytes;
+//   (kThreads, 1) lets it take what it needs. rail_final_kernel<float> 27 registers, <double>
+//   28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
+// Two-hop combine, dispatch run backwards. The reduce kernel: block 2s returns the rows I
+// received from source nodes m = s, s + S, ... to their forwarders (source (m, j)'s rows to local
+// rank j, ring (m, me) there); block 2s + 1 is my reducer for those nodes: for every record I forwarded
 // from node m, in order, it sums the returned rows of the local ranks that received it in
 // ascending local rank (fp32, fp64 for float64) into one partial per (token, node). The backend
 // then sends the partials of remote source nodes over the rail. The final kernel, at the source:
@@ -33,6 +39,8 @@
 #include "kernels.h"
 #include "rail_api.h"
 #include "element.h"
+#include "profile_record.h"
+#include "rail_units.h"
 #include "staging.h"
 
 namespace dispatch::cuda {
@@ -40,107 +48,228 @@ namespace {
 
 constexpr int kFinalBlocks = 132;
 
-// min blocks 1: without it ptxas capped the fp64 reducer at 40 registers and spilled 24 bytes
-template <typename AccT>
-__global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
-  DISPATCH_SHARED_ARRAY(uint64_t, consumed, kMaxPeers);
-  DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
-  DISPATCH_SHARED(int, num_contrib);
-  DISPATCH_SHARED(int, ok);
-  const int L = a.num_ranks, me = a.rank, n = a.node;
-  const int m = blockIdx.x / 2;
-  const bool returner = (blockIdx.x % 2) == 0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// Returner block of pair s: units as the forwarder's (rail_units.h): unit (q, u) of pair q =
+// (source node m, local rank j) copies rows i = k * G + u (k = 0, 1, ...) of those I received from
+// source (m, j) into ring (m, me) of local rank j, the G of them publishing the tail in order. A
+// warp copies up to a ring per visit and polls all its units (until_any) when none has space:
+// waiting on one could hold up another rank's reducer.
+DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* next, uint32_t* turn) {
+  const int L = a.num_ranks, me = a.rank, n = a.node, k = a.num_topk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const RailUnits units = RailUnits::of(g.nodes_of(s) * L, warps);
+  const int G = units.per_pair;
   const uint64_t own = a.peers.ptr[me];
-  if (call_is_void(own)) return;
   const Waiter w{own, a.wait, 0};
-  const int k = a.num_topk;
   const int64_t x_bytes = a.hidden * dtype_bytes(a.dtype);
   const ReturnRowLayout rl{x_bytes, k};
   const int64_t row_bytes = rl.bytes();
   const int64_t slots = a.ring_slots;
-
-  if (returner) {
-    if (warp >= L) return;
-    const int j = warp;
-    const int64_t lo = reinterpret_cast<const int32_t*>(a.recv_base)[m * L + j];
-    const int64_t count = reinterpret_cast<const int32_t*>(a.recv_counts)[m * L + j];
-    uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, row_bytes);
-    uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
-    const uint64_t* head = head_of(own, m, j);
-    const uint8_t* x = reinterpret_cast<const uint8_t*>(a.x);
-    const float* weights = reinterpret_cast<const float*>(a.topk_weights);
-    for (int64_t i = 0; i < count; ++i) {
-      int good = 1;
-      if (lane == 0 && i + 1 > slots) good = w.until(head, i + 1 - slots, n * L + j, m, kWaitCombineSpace);
-      if (!__shfl_sync(0xffffffffu, good, 0)) return;
-      uint8_t* dst = ring + (i % slots) * row_bytes;
-      warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
-      if (lane < k) store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
+  const int32_t* recv_base = reinterpret_cast<const int32_t*>(a.recv_base);
+  const int32_t* recv_counts = reinterpret_cast<const int32_t*>(a.recv_counts);
+  const uint8_t* x = reinterpret_cast<const uint8_t*>(a.x);
+  const float* weights = reinterpret_cast<const float*>(a.topk_weights);
+  auto has_space = [&](int m, int j, uint64_t i) {  // lane 0: may row i enter ring (m, me) at j?
+    return i + 1 <= static_cast<uint64_t>(slots) || port::ld_acquire(head_of(own, m, j)) >= i + 1 - slots;
+  };
+  auto row_of = [&](int unit, int64_t kth) { return kth * G + unit / units.pairs; };  // unit's kth row
+  for (;;) {
+    bool pending = false, moved = false;
+    for (int unit = warp; unit < units.count(); unit += warps) {
+      const int q = unit % units.pairs;
+      const int m = g.node(s, q / L), j = q % L;
+      const int64_t lo = recv_base[m * L + j], count = recv_counts[m * L + j], first = next[unit];
+      if (row_of(unit, first) >= count) continue;
+      pending = true;
+      uint8_t* ring = ring_of(a.peers.ptr[j], m, me, L, slots, row_bytes);
+      uint64_t* tail = tail_of(a.peers.ptr[j], m, me);
+      int64_t kth = first;
+      for (; kth < first + slots && row_of(unit, kth) < count; ++kth) {
+        const int64_t i = row_of(unit, kth);
+        int go = 1;
+        if (lane == 0) go = has_space(m, j, static_cast<uint64_t>(i));
+        if (!__shfl_sync(0xffffffffu, go, 0)) break;
+        uint8_t* dst = ring + (i % slots) * row_bytes;
+        warp_copy(dst, x + (lo + i) * x_bytes, x_bytes, lane);
+        if (lane < k) store_f32(dst + rl.weights_offset() + 4 * lane, weights[(lo + i) * k + lane]);
+        __syncwarp();
+        if (lane == 0) go = publish_in_turn(w, turn + q, G, i, tail, true, WaitSite{n * L + j, m, kWaitCombineSpace});
+        if (!__shfl_sync(0xffffffffu, go, 0)) return;
+      }
+      moved = moved || kth != first;
+      __syncwarp();  // every lane has read next[unit]
+      if (lane == 0) next[unit] = static_cast<uint32_t>(kth);
       __syncwarp();
-      if (lane == 0) {
-        __threadfence_system();
-        port::st_release(tail, i + 1);
-      }
     }
-    return;
+    if (!pending) return;
+    if (moved) continue;
+    int ok = 1;
+    if (lane == 0) {
+      auto waits = [&](int unit) {
+        const int q = unit % units.pairs;
+        return row_of(unit, next[unit]) < recv_counts[g.node(s, q / L) * L + q % L];
+      };
+      auto poll = [&]() {
+        bool waiting = false;
+        for (int unit = warp; unit < units.count(); unit += warps) {
+          if (!waits(unit)) continue;
+          const int q = unit % units.pairs;
+          if (has_space(g.node(s, q / L), q % L, static_cast<uint64_t>(row_of(unit, next[unit])))) return true;
+          waiting = true;
+        }
+        return !waiting;
+      };
+      auto site = [&]() {
+        for (int unit = warp; unit < units.count(); unit += warps) {
+          const int q = unit % units.pairs;
+          if (waits(unit)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitCombineSpace};
+        }
+        return WaitSite{n * L + me, g.node(s, 0), kWaitCombineSpace};
+      };
+      ok = w.until_any(poll, site);
+    }
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }
+}
 
+// Reducer block of pair s: for every record I forwarded from its source nodes, in order per node,
+// thread 0 finds a node whose next record's contributors have all returned their rows (polling
+// every node of the block, never waiting on one while another is ready), then every thread sums
+// columns. consumed[t * L + j]: rows of local rank j for the block's t-th node taken so far.
+template <typename AccT>
+DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* consumed,
+                                  uint32_t* done) {
+  DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
+  DISPATCH_SHARED(int, num_contrib);
+  DISPATCH_SHARED(int, picked);  // the block's node t whose record is summed now; -1: all done; -2: failed
+  const int L = a.num_ranks, me = a.rank, n = a.node, k = a.num_topk;
+  const int nodes = g.nodes_of(s);
+  const uint64_t own = a.peers.ptr[me];
+  const Waiter w{own, a.wait, 0};
+  const int64_t x_bytes = a.hidden * dtype_bytes(a.dtype);
+  const ReturnRowLayout rl{x_bytes, k};
+  const int64_t row_bytes = rl.bytes();
+  const int64_t slots = a.ring_slots;
   const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
-  const int64_t begin = fwd_begin[m], count = fwd_begin[m + 1] - begin;
   const int32_t* routes = reinterpret_cast<const int32_t*>(a.routes);
-  const int pdtype = (m != n) ? a.partial_dtype : -1;
-  const PartialRowLayout pl{a.hidden, static_cast<int>(sizeof(AccT)), k, pdtype};
-  const int64_t pb = pl.bytes();
-  if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
+  for (int q = threadIdx.x; q < nodes * L; q += blockDim.x) consumed[q] = 0;
+  for (int t = threadIdx.x; t < nodes; t += blockDim.x) done[t] = 0;
   __syncthreads();
-  for (int64_t i = 0; i < count; ++i) {
+  int last = 0;  // thread 0: the node it summed last (stays on it while its records are ready)
+  for (;;) {
     if (threadIdx.x == 0) {
-      int c = 0, good = 1;
-      for (int j = 0; j < L && good; ++j) {
-        if (routes[(begin + i) * L + j] < 0) continue;
-        good = w.until(tail_of(own, m, j), consumed[j] + 1, n * L + j, m, kWaitCombineData);
-        contrib[c++] = j;
+      // 1: node t's next record is ready; 0: waits on local rank *blame; -1: node t is done
+      auto ready = [&](int t, int* blame) {
+        const int m = g.node(s, t);
+        const int64_t begin = fwd_begin[m], i = done[t];
+        if (i >= fwd_begin[m + 1] - begin) return -1;
+        for (int j = 0; j < L; ++j) {
+          if (routes[(begin + i) * L + j] < 0) continue;
+          if (port::ld_acquire(tail_of(own, m, j)) < consumed[t * L + j] + 1ull) {
+            *blame = j;
+            return 0;
+          }
+        }
+        return 1;
+      };
+      int pick = -1, blame = 0;
+      auto poll = [&]() {
+        bool waiting = false;
+        for (int u = 0; u < nodes; ++u) {
+          const int t = (last + u) % nodes;
+          const int r = ready(t, &blame);
+          if (r == 1) {
+            pick = t;
+            return true;
+          }
+          waiting = waiting || r == 0;
+        }
+        pick = -1;
+        return !waiting;
+      };
+      auto site = [&]() {
+        for (int t = 0; t < nodes; ++t) {
+          if (ready(t, &blame) == 0) return WaitSite{n * L + blame, g.node(s, t), kWaitCombineData};
+        }
+        return WaitSite{n * L + me, g.node(s, 0), kWaitCombineData};
+      };
+      const bool ok = w.until_any(poll, site);
+      if (ok && pick >= 0) {
+        const int m = g.node(s, pick);
+        const int64_t rec = fwd_begin[m] + done[pick];
+        int c = 0;
+        for (int j = 0; j < L; ++j) {
+          if (routes[rec * L + j] >= 0) contrib[c++] = j;
+        }
+        num_contrib = c;
+        last = pick;
       }
-      num_contrib = c;
-      ok = good;
+      picked = ok ? pick : -2;
     }
-    __syncthreads();
-    if (!ok) return;
-    const int c = num_contrib;
-    uint8_t* partial = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(a.partials)[m]) + i * pb;
+    __syncthreads();  // thread 0's acquires order every thread's reads of the rows
+    const int t = picked;
+    if (t < 0) return;
+    const int m = g.node(s, t), c = num_contrib;
+    const int64_t i = done[t];
+    const int pdtype = (m != n) ? a.partial_dtype : -1;
+    const PartialRowLayout pl{a.hidden, static_cast<int>(sizeof(AccT)), k, pdtype};
+    uint8_t* partial = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(a.partials)[m]) + i * pl.bytes();
     for (int64_t col = threadIdx.x; col < a.hidden; col += blockDim.x) {
       AccT acc = 0;
-      for (int q = 0; q < c; ++q) {
-        const int j = contrib[q];
-        acc += load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes, a.dtype, col);
+      for (int qi = 0; qi < c; ++qi) {
+        const int j = contrib[qi];
+        acc += load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[t * L + j] % slots) * row_bytes,
+                             a.dtype, col);
       }
       if (pdtype >= 0) store_as<AccT>(partial, pdtype, col, acc);
       else reinterpret_cast<AccT*>(partial)[col] = acc;
     }
     for (int col = threadIdx.x; col < k; col += blockDim.x) {
       float acc = 0.0f;
-      for (int q = 0; q < c; ++q) {
-        const int j = contrib[q];
-        acc += load_f32_cg(ring_of(own, m, j, L, slots, row_bytes) + (consumed[j] % slots) * row_bytes +
-                              rl.weights_offset() + 4 * col);
+      for (int qi = 0; qi < c; ++qi) {
+        const int j = contrib[qi];
+        acc += load_f32_cg(ring_of(own, m, j, L, slots, row_bytes) + (consumed[t * L + j] % slots) * row_bytes +
+                           rl.weights_offset() + 4 * col);
       }
       store_f32(partial + pl.weights_offset() + 4 * col, acc);
     }
     __syncthreads();  // every thread has read the slots before they are handed back
     if (threadIdx.x == 0) {
-      for (int q = 0; q < c; ++q) {
-        const int j = contrib[q];
-        ++consumed[j];
-        port::st_release(head_of(a.peers.ptr[j], m, me), consumed[j]);
+      for (int qi = 0; qi < c; ++qi) {
+        const int j = contrib[qi];
+        ++consumed[t * L + j];
+        port::st_release(head_of(a.peers.ptr[j], m, me), consumed[t * L + j]);
       }
+      ++done[t];
     }
     __syncthreads();
   }
 }
 
+// Blocks 2s (returner) and 2s + 1 (reducer) serve source nodes s, s + S, ... (RailGrid). min
+// blocks 1: without it ptxas capped the fp64 reducer at 40 registers and spilled 24 bytes.
+template <typename AccT>
+__global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
+  DISPATCH_SHARED_ARRAY(uint32_t, state, kMaxRailPairs);  // returner: rows taken per unit; reducer: consumed
+  DISPATCH_SHARED_ARRAY(uint32_t, turn, kMaxRailPairs);   // returner: ring slots published per pair
+  DISPATCH_SHARED_ARRAY(uint32_t, done, kMaxNodes);       // reducer: records summed per node
+  const RailGrid g{static_cast<int>(gridDim.x / 2), a.num_nodes};
+  const int s = blockIdx.x / 2;
+  if (call_is_void(a.peers.ptr[a.rank])) return;
+  if (blockIdx.x % 2 == 0) {
+    const RailUnits units = RailUnits::of(g.nodes_of(s) * a.num_ranks, blockDim.x / 32);
+    for (int x = threadIdx.x; x < units.count(); x += blockDim.x) state[x] = 0;
+    for (int q = threadIdx.x; q < units.pairs; q += blockDim.x) turn[q] = 0;
+    __syncthreads();  // a pair's warps take turns through turn[q]
+    return_pairs(a, g, s, state, turn);
+  } else {
+    reduce_nodes<AccT>(a, g, s, state, done);
+  }
+}
+
 template <typename AccT>
 __global__ void __launch_bounds__(kThreads) rail_final_kernel(RailCombineArgs a) {
+  const ProfileScope profile_scope(a.profile);  // profile_record.h
   DISPATCH_SHARED(int, ok);
   const int L = a.num_ranks, me = a.rank, n = a.node, N = a.num_nodes, k = a.num_topk;
   const uint64_t own = a.peers.ptr[me];
@@ -197,6 +326,7 @@ void check_rail(const RailCombineArgs& a) {
   check_node(a.num_ranks, a.num_nodes);
   DISPATCH_CHECK_ARG(a.num_nodes >= 2 && a.num_nodes <= kMaxNodes, "the two-hop path serves 2..64 nodes");
   DISPATCH_CHECK_ARG(a.num_topk <= 32, "num_topk must be <= 32");
+  DISPATCH_CHECK_ARG(a.num_sms >= 2, "num_sms must be >= 2 (a returner and a reducer block)");
 }
 
 }  // namespace
@@ -211,18 +341,20 @@ void load_rail_combine_kernels() {
 
 void launch_rail_reduce(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
-  // returners need L warps; reducers use every thread for columns (fewer on SIMT: it pays per thread)
-  int threads = is_simt() ? 128 : kThreads;
-  if (threads < 32 * a.num_ranks) threads = 32 * a.num_ranks;
-  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
-  else DISPATCH_LAUNCH(rail_reduce_kernel<float>, 2 * a.num_nodes, threads, 0, as_stream(stream), a);
+  // returners: a warp per (source node, local rank) pair, polling when a warp has several;
+  // reducers use every thread for columns (fewer on SIMT: it pays per thread)
+  const RailGrid g = RailGrid::of(a.num_sms, a.num_nodes);
+  const int threads = is_simt() ? 128 : kThreads;
+  if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * g.slots, threads, 0, as_stream(stream), a);
+  else DISPATCH_LAUNCH(rail_reduce_kernel<float>, 2 * g.slots, threads, 0, as_stream(stream), a);
   DISPATCH_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_rail_final(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
-  // a block per token (strided); few small blocks on SIMT, where every thread is a fiber
-  const int64_t most = is_simt() ? 4 : kFinalBlocks;
+  // a block per token (strided), at most num_sms; few small blocks on SIMT, where every thread is a fiber
+  int64_t most = is_simt() ? 4 : kFinalBlocks;
+  if (most > a.num_sms) most = a.num_sms;
   const int threads = is_simt() ? 128 : kThreads;
   const int blocks = static_cast<int>(a.num_tokens < most ? (a.num_tokens > 0 ? a.num_tokens : 1) : most);
   if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_final_kernel<double>, blocks, threads, 0, as_stream(stream), a);

@@ -57,6 +57,13 @@ DISPATCH_DEVICE uint8_t* ring_of(uint64_t base, int c, int p, int L, int64_t slo
 // A call is void when notify found a rank's arguments bad: dispatch and combine return at once.
 DISPATCH_DEVICE bool call_is_void(uint64_t own) { return port::ld_relaxed(skip_of(own)) != 0; }
 
+// What a blocked wait is waiting on: the peer to blame, its channel (source node on the two-hop
+// path) and the wait's kind.
+struct WaitSite {
+  int peer, channel;
+  WaitKind kind;
+};
+
 struct Waiter {
   uint64_t own;  // this rank's staging buffer (abort flag)
   WaitArgs args;
@@ -96,6 +103,28 @@ struct Waiter {
         if (aborted()) return false;
         if (port::global_timer() - start > args.timeout_ns) {
           report(blame(), channel, kind);
+          return false;
+        }
+      }
+    }
+    return true;
+  }
+
+  // until_any for a waiter whose blocked work differs in kind (a forwarder waits on the rail for
+  // one source node and on ring space for another): site() says what the first blocked item waits
+  // on, and that is what a timeout reports.
+  template <typename Poll, typename Site>
+  DISPATCH_DEVICE bool until_any(Poll&& poll, Site&& site) const {
+    if (poll()) return true;
+    const uint64_t start = port::global_timer();
+    uint32_t spins = 0;
+    while (!poll()) {
+      port::spin_pause();
+      if ((++spins & 255u) == 0) {
+        if (aborted()) return false;
+        if (port::global_timer() - start > args.timeout_ns) {
+          const WaitSite at = site();
+          report(at.peer, at.channel, at.kind);
           return false;
         }
       }

@@ -32,7 +32,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from .. import _C
-from .. import profile as _profile
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
                        HandleOrigin, dtype_codes, verdict_code, verdict_error)
 from ..compat import DeepEPHandleView
@@ -244,9 +243,6 @@ class CudaBackend(DeviceCalls):
                                  f"device holds {have}; lower num_sms or the number of virtual ranks")
 
     # --- stream plumbing ---------------------------------------------------------------------------
-    def _before_call(self) -> None:
-        self._profile_collect(wait=False)
-
     def _end(self, compute: Any, options: CallOptions, inputs: Tuple[Any, ...], outputs: Tuple[Any, ...]) -> EventOverlap:
         """Records the end of the call; without ``async_finish`` the compute stream waits for it
         and (outside graph capture) the host checks the error words, so a stalled peer fails
@@ -394,10 +390,6 @@ class CudaBackend(DeviceCalls):
             time.sleep(pause_s)
             pause_s = min(pause_s * 2, 1e-3)
         self.check_error()
-
-    # --- layout ------------------------------------------------------------------------------------
-    def _launch_layout(self, a: Any, bytes_moved: int) -> None:
-        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks, bytes_moved)
 
     # --- dispatch ----------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchResult:
@@ -564,39 +556,6 @@ class CudaBackend(DeviceCalls):
         self._stats_thunk = ("combine", handle, row_bytes)
         event = self._end(compute, options, (x, topk_weights, b0, b1), (out, out_w))
         return CombineResult(out, out_w, event)
-
-    # --- SM-usage profiling (dispatch.profile; rows written by csrc/cuda/profile_record.h) -------
-    def _launch_profiled(self, kernel: str, launch: Callable[[Any, int], None], a: Any, max_blocks: int,
-                         bytes_moved: Union[int, Callable[[], int]]) -> None:
-        """Launches ``kernel`` on the communication stream; with profiling on (outside graph
-        capture) it gets a zeroed ``[max_blocks, 3]`` int64 buffer (sm id, start ns, end ns per
-        block; rows of blocks that did not run stay 0), else ``a.profile`` is 0.
-
-        Args:
-            max_blocks: at least the kernel's grid size.
-            bytes_moved: what the kernel moved (or a function giving it once the kernel ran).
-        """
-        rows = None
-        if _profile.is_enabled() and not self.device.capturing():
-            with self.device.stream_scope(self.stream):
-                rows = torch.zeros((max(1, max_blocks), 3), dtype=torch.int64, device=self.tensor_device)
-        a.profile = rows.data_ptr() if rows is not None else 0
-        launch(a, self.device.handle(self.stream))
-        if rows is not None:
-            self._profile_pending.append((kernel, rows, bytes_moved, self.device.record(self.stream)))
-
-    def _profile_collect(self, wait: bool) -> None:
-        """Hands the rows of finished profiled launches to ``dispatch.profile`` (in launch order);
-        ``wait``: wait for all of them, else stop at the first still running."""
-        while self._profile_pending and not self.device.capturing():
-            kernel, rows, bytes_moved, event = self._profile_pending[0]
-            if wait:
-                event.synchronize()
-            elif not event.query():
-                return
-            self._profile_pending.pop(0)
-            total = bytes_moved() if callable(bytes_moved) else bytes_moved
-            _profile.record_device_buffer(kernel, rows, bytes_moved=total, rank=self.topo.rank)
 
     def _rows_received(self, handle: CudaHandle) -> int:
         """Rows this rank received in ``handle``'s dispatch (what its combine sends back)."""

@@ -4,17 +4,19 @@ output allocation, the kernels' wait arguments, and the layout kernel (rank-loca
 any number of nodes).
 
 A subclass sets ``mod``, ``device``, ``tensor_device``, ``topo``, ``stream``, ``timeout_s``,
-``error`` (mapped error words) and implements ``_end``; it may override ``_before_call`` and
-``_launch_layout``.
+``error`` (mapped error words), ``_profile_pending`` (an empty list: profiled launches whose rows
+are not read yet) and implements ``_end`` (calling ``_profile_collect``); it may override
+``_before_call`` and ``_launch_layout``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 
+from .. import profile as _profile
 from ..backend import CallOptions, LayoutResult
 from ..config import Config
 
@@ -26,7 +28,8 @@ class DeviceCalls:
         return not self.device.capturing()
 
     def _before_call(self) -> None:
-        """Hook run first in every call (CudaBackend collects finished profile rows here)."""
+        """Run first in every call: hands finished profiled launches' rows to dispatch.profile."""
+        self._profile_collect(wait=False)
 
     def _begin(self, options: CallOptions) -> Any:
         """Orders the communication stream after ``previous_event`` (or the compute stream);
@@ -58,7 +61,40 @@ class DeviceCalls:
         return w
 
     def _launch_layout(self, a: Any, bytes_moved: int) -> None:
-        self.mod.launch_layout(a, self.device.handle(self.stream))
+        self._launch_profiled("dispatch.layout", self.mod.launch_layout, a, a.num_blocks, bytes_moved)
+
+    # --- SM-usage profiling (dispatch.profile; rows written by csrc/cuda/profile_record.h) -------
+    def _launch_profiled(self, kernel: str, launch: Callable[[Any, int], None], a: Any, max_blocks: int,
+                         bytes_moved: Union[int, Callable[[], int]]) -> None:
+        """Launches ``kernel`` on the communication stream; with profiling on (outside graph
+        capture) it gets a zeroed ``[max_blocks, 3]`` int64 buffer (sm id, start ns, end ns per
+        block; rows of blocks that did not run stay 0), else ``a.profile`` is 0.
+
+        Args:
+            max_blocks: at least the kernel's grid size.
+            bytes_moved: what the kernel moved (or a function giving it once the kernel ran).
+        """
+        rows = None
+        if _profile.is_enabled() and not self.device.capturing():
+            with self.device.stream_scope(self.stream):
+                rows = torch.zeros((max(1, max_blocks), 3), dtype=torch.int64, device=self.tensor_device)
+        a.profile = rows.data_ptr() if rows is not None else 0
+        launch(a, self.device.handle(self.stream))
+        if rows is not None:
+            self._profile_pending.append((kernel, rows, bytes_moved, self.device.record(self.stream)))
+
+    def _profile_collect(self, wait: bool) -> None:
+        """Hands the rows of finished profiled launches to ``dispatch.profile`` (in launch order);
+        ``wait``: wait for all of them, else stop at the first still running."""
+        while self._profile_pending and not self.device.capturing():
+            kernel, rows, bytes_moved, event = self._profile_pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+            self._profile_pending.pop(0)
+            total = bytes_moved() if callable(bytes_moved) else bytes_moved
+            _profile.record_device_buffer(kernel, rows, bytes_moved=total, rank=self.topo.rank)
 
     def layout(self, topk_idx: torch.Tensor, num_experts: int, config: Config, options: CallOptions) -> LayoutResult:
         """The layout kernel (same rules as ``layout.h``); ``topk_idx`` never leaves the device."""

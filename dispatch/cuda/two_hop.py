@@ -42,6 +42,7 @@ DEFAULT_NVL_BYTES = 256 << 20
 MIN_RING_BYTES = 64 << 10
 DEFAULT_CHUNK_RECORDS = 128  # records per rail chunk when the config does not say
 ERROR_WORDS = 4
+KERNEL_LIMIT_BLOCKS = 132  # most blocks a two-hop kernel took before num_sms bounded them (final)
 WAIT_BARRIER = 1
 
 
@@ -147,6 +148,8 @@ class TwoHopBackend(DeviceCalls):
         self._error_words = (ctypes.c_int32 * ERROR_WORDS).from_address(self.error.host_address)
         self._status_words = (ctypes.c_int32 * (2 + mod.MAX_PEERS)).from_address(self.status.host_address)
         self._pending: List[Any] = []
+        # profiled launches whose rows are not read yet (DeviceCalls._launch_profiled)
+        self._profile_pending: List[Tuple[str, torch.Tensor, Any, Any]] = []
         # rail buffers, one per role, kept across calls and grown when a call needs more
         self._rail_buffers: Dict[str, torch.Tensor] = {}
         self._events: List[Tuple[Any, List[Any]]] = []
@@ -173,17 +176,27 @@ class TwoHopBackend(DeviceCalls):
 
     # --- configuration -----------------------------------------------------------------------
     def check_config(self, config: Config) -> None:
-        """The two-hop kernels take ``2 N`` blocks (forwarders and receivers) plus the rail
-        sender's; in a loopback, every virtual rank's blocks must fit on the device at once."""
-        if config.num_sms < 2 or config.num_sms % 2:
-            raise ValueError(f"num_sms must be even and >= 2 on the CUDA backend, got {config.num_sms}")
+        """Every two-hop kernel's grid is at most ``num_sms`` blocks: the forward and reduce
+        kernels take ``2 min(num_sms / 2, N)`` (a forwarder and a receiver block per pair, each
+        serving several source nodes when ``2 N > num_sms``), so ``num_sms`` must be even and
+        >= 2: the two blocks of a pair wait on each other's work across ranks and must be
+        resident at once. In a loopback, every virtual rank's blocks must fit on the device at
+        once."""
+        num_sms = config.num_sms
+        if num_sms < 2 or num_sms % 2:
+            raise ValueError(f"num_sms must be even and >= 2 on the CUDA backend (a forwarder and a receiver block), "
+                             f"got {num_sms}")
+        pair_blocks = 2 * min(num_sms // 2, self.topo.num_nodes)
+        have = int(self.mod.resident_block_limit(self.mod.THREADS_PER_BLOCK)) or (1 << 30)
+        if not self.loopback and pair_blocks > have:
+            raise ValueError(f"num_sms={num_sms}: the two-hop kernels need {pair_blocks} resident blocks of "
+                             f"{KERNEL_THREADS} threads, the {self.device_kind} device holds {have}; lower num_sms")
         if self.loopback:
-            need = self.topo.num_ranks * 2 * self.topo.num_nodes
-            have = int(self.mod.resident_block_limit(self.mod.THREADS_PER_BLOCK)) or (1 << 30)
+            need = self.topo.num_ranks * pair_blocks
             if need > have:
-                raise ValueError(f"a loopback of {self.topo.num_ranks} virtual ranks on {self.topo.num_nodes} nodes "
-                                 f"needs {need} resident blocks of {KERNEL_THREADS} threads, the {self.device_kind} "
-                                 f"device holds {have}")
+                raise ValueError(f"num_sms={num_sms}: a loopback of {self.topo.num_ranks} virtual ranks on "
+                                 f"{self.topo.num_nodes} nodes needs {need} resident blocks of {KERNEL_THREADS} "
+                                 f"threads, the {self.device_kind} device holds {have}; lower num_sms")
 
     # --- stream plumbing ------------------------------------------------------------------------
     def _end(self, compute: Any, options: CallOptions, inputs: Tuple[Any, ...], outputs: Tuple[Any, ...]) -> EventOverlap:
@@ -202,6 +215,7 @@ class TwoHopBackend(DeviceCalls):
             event.synchronize()
             self.check_error()
             self.device.compute_wait(compute, event)
+        self._profile_collect(wait=not options.async_finish)
         return EventOverlap(event, extra_tensors=tuple(t for t in inputs if isinstance(t, torch.Tensor)),
                             device=self.device)
 
@@ -312,6 +326,19 @@ class TwoHopBackend(DeviceCalls):
                              f"(node, peer) ring")
         return int(slots)
 
+    def _profile_rows(self, num_sms: int) -> int:
+        """Rows of a two-hop kernel's profile buffer: its grid is at most num_sms; the larger
+        bound (the grids before they were sized by num_sms) keeps a grid that overshoots visible
+        in the rows instead of writing past the buffer."""
+        return max(num_sms, 2 * self.topo.num_nodes, KERNEL_LIMIT_BLOCKS)
+
+    def _forwarded_records(self, handle: TwoHopHandle) -> int:
+        """Records my forwarder writes into the node's rings: from (m, my local index) to every
+        local rank j (me too), for every source node m."""
+        topo, rc = self.topo, handle.rank_counts
+        return sum(int(rc[topo.rank_of(m, topo.local_rank), topo.rank_of(topo.node, j)])
+                   for m in range(topo.num_nodes) for j in range(topo.num_ranks_per_node))
+
     def _chunk_records(self, config: Config) -> int:
         return max(1, config.chunk_records(self.topo.num_nodes) or DEFAULT_CHUNK_RECORDS)
 
@@ -401,7 +428,8 @@ class TwoHopBackend(DeviceCalls):
                               chunk_records=chunk_records, device_plan=device_plan, routes=routes, rank=me,
                               num_ranks_per_node=L)
         keep = self._move(handle, x, scales, topk_idx, args.topk_weights, recv_x, recv_scales, recv_idx, recv_w,
-                          src_rank, src_token, me * max(epr, 1), max(epr, 1), write_routes=True)
+                          src_rank, src_token, me * max(epr, 1), max(epr, 1), write_routes=True,
+                          num_sms=args.config.num_sms)
         per_expert_list = None
         if worst == 0 and gathered[0][2] is not None:
             summed = torch.stack([g[2] for g in gathered])[:, me * epr:(me + 1) * epr].sum(dim=0).tolist()
@@ -427,7 +455,7 @@ class TwoHopBackend(DeviceCalls):
             src_rank = torch.empty(max(rows, 1), dtype=torch.int32, device=self.tensor_device)
             src_token = torch.empty(max(rows, 1), dtype=torch.int32, device=self.tensor_device)
         keep = self._move(handle, x, scales, None, None, recv_x, recv_scales, None, None, src_rank, src_token, 0, 1,
-                          write_routes=False)
+                          write_routes=False, num_sms=args.config.num_sms)
         event = self._end(compute, options, (x, scales, src_rank, src_token) + keep, (recv_x, recv_scales))
         return DispatchResult(recv_x, recv_scales, None, None, None, handle, event)
 
@@ -435,8 +463,9 @@ class TwoHopBackend(DeviceCalls):
               topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor], recv_x: torch.Tensor,
               recv_scales: Optional[torch.Tensor], recv_idx: Optional[torch.Tensor], recv_w: Optional[torch.Tensor],
               src_rank: torch.Tensor, src_token: torch.Tensor, expert_begin: int, experts_per_rank: int,
-              write_routes: bool) -> Tuple[torch.Tensor, ...]:
-        """Rail sender -> rail -> forwarder/receivers; returns the per-call tensors to keep alive."""
+              write_routes: bool, num_sms: int) -> Tuple[torch.Tensor, ...]:
+        """Rail sender -> rail -> forwarder/receivers (grids within ``num_sms``); returns the
+        per-call tensors to keep alive."""
         topo = self.topo
         N, L, n = topo.num_nodes, topo.num_ranks_per_node, topo.node
         k = topk_idx.shape[1] if topk_idx is not None else 0
@@ -469,10 +498,11 @@ class TwoHopBackend(DeviceCalls):
                                                                          _ptr(recv_idx), _ptr(recv_w))
         a.recv_src_rank, a.recv_src_token = src_rank.data_ptr(), src_token.data_ptr()
         a.expert_begin, a.experts_per_rank = expert_begin, experts_per_rank
+        a.num_sms = num_sms
         a.wait = self._wait_args()
-        stream = self.device.handle(self.stream)
         self._reset_rings()
-        self.mod.launch_rail_pack(a, stream)
+        rows = self._profile_rows(num_sms)
+        self._launch_profiled("dispatch.rail_pack", self.mod.launch_rail_pack, a, rows, nb[-1] * rb)
         self._order(self.rail_stream, self.stream)
         sends, recvs = [], []
         for m in range(N):
@@ -481,7 +511,8 @@ class TwoHopBackend(DeviceCalls):
             sends += self._chunks(m, send_region.data_ptr() + nb[m] * rb, nb[m + 1] - nb[m], rb, cr)
             recvs += self._chunks(m, recv_regions[m].data_ptr(), fb[m + 1] - fb[m], rb, cr, arrival.data_ptr())
         self.rail.post(sends, recvs, self.device.handle(self.rail_stream))
-        self.mod.launch_rail_forward(a, stream)
+        self._launch_profiled("dispatch.rail_forward", self.mod.launch_rail_forward, a, rows,
+                              self._forwarded_records(handle) * rb)
         return (send_region, fwd_regions_t, arrival, *[r for r in recv_regions if r is not None])
 
     # --- combine ----------------------------------------------------------------------------------
@@ -538,10 +569,13 @@ class TwoHopBackend(DeviceCalls):
         a.bias0, a.bias1 = _ptr(b0), _ptr(b1)
         a.bias0_dtype = self.dtype_codes[b0.dtype] if b0 is not None else 0
         a.bias1_dtype = self.dtype_codes[b1.dtype] if b1 is not None else 0
+        a.num_sms = args.config.num_sms
         a.wait = self._wait_args()
-        stream = self.device.handle(self.stream)
         self._reset_rings()
-        self.mod.launch_rail_reduce(a, stream)
+        rows = self._profile_rows(a.num_sms)
+        # bytes: the rows I return to their forwarders; the partial rows the final sum reads
+        self._launch_profiled("combine.rail_reduce", self.mod.launch_rail_reduce, a, rows,
+                              handle.num_recv_tokens * row_bytes)
         self._order(self.rail_stream, self.stream)
         sends, recvs = [], []
         for m in range(N):
@@ -550,7 +584,8 @@ class TwoHopBackend(DeviceCalls):
             sends += self._chunks(m, partials[m].data_ptr(), fb[m + 1] - fb[m], remote_pb, cr)
             recvs += self._chunks(m, recv_regions[m].data_ptr(), nb[m + 1] - nb[m], remote_pb, cr, arrival.data_ptr())
         self.rail.post(sends, recvs, self.device.handle(self.rail_stream))
-        self.mod.launch_rail_final(a, stream)
+        self._launch_profiled("combine.rail_final", self.mod.launch_rail_final, a, rows,
+                              sum((nb[m + 1] - nb[m]) * (own_pb if m == n else remote_pb) for m in range(N)))
         keep = (partials_t, regions_t, num_chunks, arrival, *partials, *[r for r in recv_regions if r is not None])
         event = self._end(compute, options, (x, topk_weights, b0, b1) + keep, (out, out_w))
         return CombineResult(out, out_w, event)

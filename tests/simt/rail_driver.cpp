@@ -5,7 +5,9 @@
 // combine's fixed order: own node's partial first, then the other nodes ascending). Built by
 // tests/test_cuda_two_hop_kernels.py plain, under ThreadSanitizer and with known-bad variant 5.
 //
-//   rail_driver N L T H k E staging_bytes timeout_s seed chunk_records rail_ns
+//   rail_driver N L T H k E staging_bytes timeout_s seed chunk_records rail_ns [num_sms]
+//
+// num_sms (default 2 N): the kernels' SM budget; below 2 N a block pair serves several nodes.
 //
 // Exit codes: 0 all correct; 3 wrong output; 4 a kernel reported a failure (names rank and
 // source node); 5 runtime failure; 2 bad usage.
@@ -37,6 +39,7 @@ struct Options {
   double timeout_s;
   unsigned seed;
   int64_t chunk_records, rail_ns;
+  int num_sms;
 };
 
 template <typename T>
@@ -237,6 +240,7 @@ void run(std::vector<Rank>& ranks, const Options& o, std::mt19937& rng) {
     a.recv_x = addr(r.recv_x), a.recv_topk_idx = addr(r.recv_idx), a.recv_topk_weights = addr(r.recv_w);
     a.recv_src_rank = addr(r.src_rank), a.recv_src_token = addr(r.src_token);
     a.expert_begin = static_cast<int64_t>(g) * epr, a.experts_per_rank = epr;
+    a.num_sms = o.num_sms;
     a.wait.timeout_ns = static_cast<uint64_t>(o.timeout_s * 1e9);
     a.wait.error = r.error->device_address();
     launch_rail_pack(a, r.stream->handle());
@@ -306,6 +310,7 @@ void run(std::vector<Rank>& ranks, const Options& o, std::mt19937& rng) {
     a.fwd_begin = addr(r.fwd_begin), a.routes = addr(r.routes), a.partials = addr(r.partial_ptrs);
     a.positions = addr(r.positions), a.partial_regions = addr(r.regions), a.arrival = addr(r.arrival);
     a.num_chunks = addr(r.num_chunks), a.out = addr(r.out), a.out_weights = addr(r.out_w);
+    a.num_sms = o.num_sms;
     a.wait.timeout_ns = static_cast<uint64_t>(o.timeout_s * 1e9);
     a.wait.error = r.error->device_address();
     launch_rail_reduce(a, r.stream->handle());
@@ -348,13 +353,13 @@ void run(std::vector<Rank>& ranks, const Options& o, std::mt19937& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 12) {
-    std::fprintf(stderr, "usage: %s N L T H k E staging_bytes timeout_s seed chunk_records rail_ns\n", argv[0]);
+  if (argc != 12 && argc != 13) {
+    std::fprintf(stderr, "usage: %s N L T H k E staging_bytes timeout_s seed chunk_records rail_ns [num_sms]\n", argv[0]);
     return 2;
   }
   const Options o{std::atoi(argv[1]), std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
                   std::atoi(argv[6]), std::atoll(argv[7]), std::atof(argv[8]), static_cast<unsigned>(std::atoi(argv[9])),
-                  std::atoll(argv[10]), std::atoll(argv[11])};
+                  std::atoll(argv[10]), std::atoll(argv[11]), argc == 13 ? std::atoi(argv[12]) : 2 * std::atoi(argv[1])};
   if (const char* seed = std::getenv("SIMT_YIELD_SEED")) {
     simt::Options options = simt::options();
     options.yield_seed = std::strtoull(seed, nullptr, 10);
