@@ -23,7 +23,7 @@ from .memory import host_empty
 from .movers import ptr
 from .node_link import NodeLink
 from .plan import HostHandle, SendPlan, outbox_schedule, plan_sends
-from .progress import LIVE_PEER_GRACE_FRACTION
+from .progress import MESSENGER_GRACE_FRACTION
 from .rail_link import RailLink
 from .rail_staging import RailStaging
 
@@ -54,7 +54,7 @@ def _blame_first_failure(method: _Method) -> _Method:
         except PeerTimeoutError as error:
             # A rail peer that left or stalled may have been a messenger: its abort word names the
             # origin (a dead peer ends the wait at once: its connection fails).
-            deadline = time.monotonic() + LIVE_PEER_GRACE_FRACTION * self.timeout_s
+            deadline = time.monotonic() + MESSENGER_GRACE_FRACTION * self.timeout_s
             while (failures.origin() is None and not rail.abort_heard_from(error.rank)
                    and time.monotonic() < deadline):
                 time.sleep(_MESSENGER_POLL_S)

@@ -178,18 +178,13 @@ class Reducer:
         """Reduces outbox chunk ``index`` if its rows and a send slot are ready."""
         m, node, local = self.mover, self.mover.node, self.mover.topo.local_rank
         d, C = m.data, m.handle.chunk_records
-        L = m.topo.num_ranks_per_node
         src, chunk, count = self.schedule[index]
-        involved = [j for j in range(L) if self.consumed_next[j] < len(self.expected[j])
-                    and self.expected[j][self.consumed_next[j]] == index]
-        if any(node.load(node.return_published(j, local)) <= self.consumed_base[j] + self.consumed_next[j]
-               for j in involved):
+        involved = self._involved(index)
+        if self._rows_missing(involved) is not None or self._send_slot_busy(src):
             return False
         out = None
         if src != m.topo.rank:
             slot = self.send_count[src] % len(self.send_slots[src])
-            if self.send_works[src][slot] is not None:
-                return False
             out = self.send_slots[src][slot]
         self.chunk_pointers.zero_()
         for j in involved:
@@ -217,9 +212,41 @@ class Reducer:
         return (self.next == len(self.schedule)
                 and all(w is None for works in self.send_works.values() for w in works))
 
+    def _involved(self, index: int) -> List[int]:
+        """The local ranks whose returned rows outbox chunk ``index`` needs next."""
+        L = self.mover.topo.num_ranks_per_node
+        return [j for j in range(L) if self.consumed_next[j] < len(self.expected[j])
+                and self.expected[j][self.consumed_next[j]] == index]
+
+    def _rows_missing(self, involved: List[int]) -> Optional[int]:
+        """The first of ``involved`` that has not returned its rows of the next chunk yet."""
+        node, local = self.mover.node, self.mover.topo.local_rank
+        for j in involved:
+            if node.load(node.return_published(j, local)) <= self.consumed_base[j] + self.consumed_next[j]:
+                return j
+        return None
+
+    def _send_slot_busy(self, src: int) -> bool:
+        """A remote source's next send slot still holds a partial on its way over the rail."""
+        if src == self.mover.topo.rank:
+            return False
+        return self.send_works[src][self.send_count[src] % len(self.send_slots[src])] is not None
+
     def waiting_on(self) -> Optional[int]:
-        j = first_behind(self.consumed_next, self.expected) if self.next < len(self.schedule) else None
-        return None if j is None else self.mover.topo.rank_of(self.mover.topo.node, j)
+        """What the next chunk waits on: a node-mate's rows, or the rail (a send slot still in
+        flight to its source); once every chunk is reduced, the rail sends still in flight.
+        Exact, so that node-mates stalled behind a cut rail do not blame each other."""
+        topo = self.mover.topo
+        if self.next < len(self.schedule):
+            src = self.schedule[self.next][0]
+            j = self._rows_missing(self._involved(self.next))
+            if j is not None:
+                return topo.rank_of(topo.node, j)
+            return src if self._send_slot_busy(src) else None
+        for src, works in self.send_works.items():
+            if any(work is not None for work in works):
+                return src
+        return None
 
 
 class Accumulator:
@@ -290,7 +317,8 @@ class Accumulator:
         return self.reducer.own_tokens_reduced and self.phase == len(self.phases)
 
     def waiting_on(self) -> Optional[int]:
-        if self.phase < len(self.phases):
+        # Before its own tokens are reduced it waits on its reducer, which names what it waits on.
+        if self.reducer.own_tokens_reduced and self.phase < len(self.phases):
             return self.mover.topo.rail_peer(self.phases[self.phase][0])
         return None
 

@@ -11,7 +11,7 @@ rank. Once a failure is recorded, the buffer is dead on that node: later calls r
 Across nodes the word travels over the rail's abort channel (rail_link.py): a rank whose call
 failed sends its rail peers the rank it blames, and each records it in its own node's word,
 whence its node-mates read it and pass it on along their rails. A rank that hears of a failure
-only as a rail peer leaving therefore waits (half a timeout at most) for that peer's word
+only as a rail peer leaving therefore waits (a quarter of a timeout at most) for that peer's word
 before naming anyone. (A store-based board was tried and removed: a store read over a silently
 cut link blocks in the TCP stack for minutes, which would turn a timeout into a hang.)
 """

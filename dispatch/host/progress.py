@@ -14,12 +14,16 @@ from ..errors import PeerTimeoutError
 _SLEEP_MIN_S = 20e-6
 _SLEEP_MAX_S = 1e-3
 _PID_CHECK_INTERVAL_S = 0.1
-# A live peer that stalls is usually stuck behind the real failure: give it this fraction of
-# timeout_s more to record that failure (a node-mate: in the node's failure word; a rail peer: on
-# the abort channel, see backend.py) before blaming it. Without it, a CI run (2026-12-03) had
-# rank 2 of a 2x2 cluster, neither node-mate nor rail peer of the killed rank 1, name its
-# node-mate 3 (tests/test_faults.py).
+# A live node-mate that stalls is usually stuck behind the real failure: give it this fraction of
+# timeout_s more to record that failure in the node's failure word before blaming it. Without
+# it, a CI run (2026-12-03) had rank 2 of a 2x2 cluster, neither node-mate nor rail peer of the
+# killed rank 1, name its node-mate 3 (tests/test_faults.py).
 LIVE_PEER_GRACE_FRACTION = 0.5
+# A rank whose call failed naming a rail peer waits this fraction of timeout_s for that peer's
+# abort word (backend.py). Shorter than the grace above, which its node-mates are giving it
+# meanwhile: otherwise a rank waiting for a word from across a cut link is blamed by its own
+# node-mates before it records whom it blames (tests/test_netns.py, a cut during combine).
+MESSENGER_GRACE_FRACTION = 0.25
 
 
 def pid_alive(pid: int) -> bool:
