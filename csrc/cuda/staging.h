@@ -94,20 +94,7 @@ struct Waiter {
   // and must not wait on one while another has work (that would couple rings into a cycle).
   template <typename Poll, typename Blame>
   DISPATCH_DEVICE bool until_any(Poll&& poll, Blame&& blame, int channel, WaitKind kind) const {
-    if (poll()) return true;
-    const uint64_t start = port::global_timer();
-    uint32_t spins = 0;
-    while (!poll()) {
-      port::spin_pause();
-      if ((++spins & 255u) == 0) {
-        if (aborted()) return false;
-        if (port::global_timer() - start > args.timeout_ns) {
-          report(blame(), channel, kind);
-          return false;
-        }
-      }
-    }
-    return true;
+    return until_any(poll, [&] { return WaitSite{blame(), channel, kind}; });
   }
 
   // until_any for a waiter whose blocked work differs in kind (a forwarder waits on the rail for
