@@ -104,28 +104,17 @@ DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, i
     if (moved) continue;
     int ok = 1;
     if (lane == 0) {
-      auto waits = [&](int unit) {
+      auto state = [&](int unit) {
+        const int q = unit % units.pairs, m = g.node(s, q / L);
+        const int64_t i = row_of(unit, next[unit]);
+        if (i >= recv_counts[m * L + q % L]) return kUnitDone;
+        return has_space(m, q % L, static_cast<uint64_t>(i)) ? kUnitReady : kUnitWaitsRing;
+      };
+      auto site = [&](int unit, UnitState) {
         const int q = unit % units.pairs;
-        return row_of(unit, next[unit]) < recv_counts[g.node(s, q / L) * L + q % L];
+        return WaitSite{n * L + q % L, g.node(s, q / L), kWaitCombineSpace};
       };
-      auto poll = [&]() {
-        bool waiting = false;
-        for (int unit = warp; unit < units.count(); unit += warps) {
-          if (!waits(unit)) continue;
-          const int q = unit % units.pairs;
-          if (has_space(g.node(s, q / L), q % L, static_cast<uint64_t>(row_of(unit, next[unit])))) return true;
-          waiting = true;
-        }
-        return !waiting;
-      };
-      auto site = [&]() {
-        for (int unit = warp; unit < units.count(); unit += warps) {
-          const int q = unit % units.pairs;
-          if (waits(unit)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitCombineSpace};
-        }
-        return WaitSite{n * L + me, g.node(s, 0), kWaitCombineSpace};
-      };
-      ok = w.until_any(poll, site);
+      ok = wait_for_any_unit(w, units, warp, warps, state, site, WaitSite{n * L + me, g.node(s, 0), kWaitCombineSpace});
     }
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }

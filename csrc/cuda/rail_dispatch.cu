@@ -81,9 +81,6 @@ __global__ void __launch_bounds__(kThreads) rail_pack_kernel(RailDispatchArgs a)
   }
 }
 
-// What a forwarder's unit can do now, without waiting.
-enum PairState { kPairDone, kPairReady, kPairWaitsRail, kPairWaitsSpace };
-
 // The records of source node m that chunk arrival counters must cover before record i is read.
 DISPATCH_DEVICE uint64_t chunks_needed(const RailDispatchArgs& a, int64_t i) {
   const uint64_t chunk = static_cast<uint64_t>(i / a.chunk_records);
@@ -126,11 +123,11 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
     const int q = x % units.pairs, u = x / units.pairs;
     const int m = g.node(s, q / L), j = q % L;
     const int64_t i = next[x];
-    if (i >= fwd_begin[m + 1] - fwd_begin[m]) return kPairDone;
-    if (chunks_arrived(a, m) < chunks_needed(a, i)) return kPairWaitsRail;
+    if (i >= fwd_begin[m + 1] - fwd_begin[m]) return kUnitDone;
+    if (chunks_arrived(a, m) < chunks_needed(a, i)) return kUnitWaitsRail;
     const uint64_t out = sent[x];
-    if (out % G != static_cast<uint64_t>(u) || out < static_cast<uint64_t>(slots) || dst_row(m, i, j) < 0) return kPairReady;
-    return port::ld_acquire(head_of(own, m, j)) >= out + 1 - slots ? kPairReady : kPairWaitsSpace;
+    if (out % G != static_cast<uint64_t>(u) || out < static_cast<uint64_t>(slots) || dst_row(m, i, j) < 0) return kUnitReady;
+    return port::ld_acquire(head_of(own, m, j)) >= out + 1 - slots ? kUnitReady : kUnitWaitsRing;
   };
   for (;;) {
     bool pending = false, moved = false;
@@ -183,25 +180,12 @@ DISPATCH_DEVICE void forward_pairs(const RailDispatchArgs& a, const RailGrid& g,
     if (moved) continue;
     int ok = 1;
     if (lane == 0) {
-      auto poll = [&]() {
-        bool waiting = false;
-        for (int x = warp; x < units.count(); x += warps) {
-          const PairState st = state(x);
-          if (st == kPairReady) return true;
-          waiting = waiting || st != kPairDone;
-        }
-        return !waiting;
+      auto site = [&](int x, UnitState st) {
+        const int q = x % units.pairs, m = g.node(s, q / L);
+        return st == kUnitWaitsRail ? WaitSite{m * L + me, m, kWaitRailArrival}
+                                    : WaitSite{n * L + q % L, m, kWaitDispatchSpace};
       };
-      auto site = [&]() {
-        for (int x = warp; x < units.count(); x += warps) {
-          const int q = x % units.pairs, m = g.node(s, q / L);
-          const PairState st = state(x);
-          if (st == kPairWaitsRail) return WaitSite{m * L + me, m, kWaitRailArrival};
-          if (st == kPairWaitsSpace) return WaitSite{n * L + q % L, m, kWaitDispatchSpace};
-        }
-        return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchSpace};
-      };
-      ok = w.until_any(poll, site);
+      ok = wait_for_any_unit(w, units, warp, warps, state, site, WaitSite{n * L + me, g.node(s, 0), kWaitDispatchSpace});
     }
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }
@@ -271,29 +255,17 @@ DISPATCH_DEVICE void receive_pairs(const RailDispatchArgs& a, const RailGrid& g,
     if (moved) continue;
     int ok = 1;
     if (lane == 0) {
-      auto waits = [&](int x) {
+      auto state = [&](int x) {
+        const int q = x % units.pairs, m = g.node(s, q / L);
+        const int64_t i = record_of(x, next[x]);
+        if (i >= recv_counts[m * L + q % L]) return kUnitDone;
+        return port::ld_acquire(tail_of(own, m, q % L)) > static_cast<uint64_t>(i) ? kUnitReady : kUnitWaitsRing;
+      };
+      auto site = [&](int x, UnitState) {
         const int q = x % units.pairs;
-        return record_of(x, next[x]) < recv_counts[g.node(s, q / L) * L + q % L];
+        return WaitSite{n * L + q % L, g.node(s, q / L), kWaitDispatchData};
       };
-      auto poll = [&]() {
-        bool waiting = false;
-        for (int x = warp; x < units.count(); x += warps) {
-          if (!waits(x)) continue;
-          const int q = x % units.pairs;
-          const uint64_t i = static_cast<uint64_t>(record_of(x, next[x]));
-          if (port::ld_acquire(tail_of(own, g.node(s, q / L), q % L)) > i) return true;
-          waiting = true;
-        }
-        return !waiting;
-      };
-      auto site = [&]() {
-        for (int x = warp; x < units.count(); x += warps) {
-          const int q = x % units.pairs;
-          if (waits(x)) return WaitSite{n * L + q % L, g.node(s, q / L), kWaitDispatchData};
-        }
-        return WaitSite{n * L + me, g.node(s, 0), kWaitDispatchData};
-      };
-      ok = w.until_any(poll, site);
+      ok = wait_for_any_unit(w, units, warp, warps, state, site, WaitSite{n * L + me, g.node(s, 0), kWaitDispatchData});
     }
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }

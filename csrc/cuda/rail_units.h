@@ -36,4 +36,34 @@ DISPATCH_DEVICE bool publish_in_turn(const Waiter& w, uint32_t* turn, int per_pa
   return true;
 }
 
+// Where a unit stands, without waiting: done, able to move now, or waiting on the rail (a chunk
+// not arrived) or on a ring (space, or a node-mate's records).
+enum UnitState { kUnitDone, kUnitReady, kUnitWaitsRail, kUnitWaitsRing };
+
+// Lane 0 of a warp none of whose units could move: polls all of them until one can (true), or
+// none has work left; never waits on one while another could move, which would couple the rings
+// of different ranks into a cycle. state(x): unit x's UnitState; site(x, state): what a timeout
+// reports for the first waiting unit (idle: when none waits any more).
+template <typename State, typename Site>
+DISPATCH_DEVICE bool wait_for_any_unit(const Waiter& w, const RailUnits& units, int warp, int warps, State&& state,
+                                       Site&& site, WaitSite idle) {
+  auto poll = [&]() {
+    bool waiting = false;
+    for (int x = warp; x < units.count(); x += warps) {
+      const UnitState st = state(x);
+      if (st == kUnitReady) return true;
+      waiting = waiting || st != kUnitDone;
+    }
+    return !waiting;
+  };
+  auto first_waiting = [&]() {
+    for (int x = warp; x < units.count(); x += warps) {
+      const UnitState st = state(x);
+      if (st == kUnitWaitsRail || st == kUnitWaitsRing) return site(x, st);
+    }
+    return idle;
+  };
+  return w.until_any(poll, first_waiting);
+}
+
 }  // namespace dispatch::cuda
