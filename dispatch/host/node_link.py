@@ -141,11 +141,11 @@ class NodeLink:
 
     def record_failure(self, origin: int) -> None:
         """Records a failure heard from another node (a rail waiter thread, possibly after
-        close()) and wakes every local rank, this one too."""
+        close()), waking the other local ranks; the rail's completion hook (``ring_self``) then
+        wakes this one."""
         with self._bell_lock:
             if self._segment is not None:
                 self.failures.record(origin)
-                _C.doorbell_ring(self._addr(self.topo.local_rank, self._doorbell_off))
 
     def ring_self(self) -> None:
         """Wakes this rank's own loop: called by rail waiter threads, possibly after close()."""
