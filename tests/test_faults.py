@@ -248,6 +248,60 @@ def test_destroy_ends_the_abort_channel_with_goodbyes(cluster_factory):
         assert out["lone"][0] < 3.0, f"rank {rank}: {out}"
 
 
+def _job_one_way_notify_loss(ctx, dropper, victim, timeout_s):
+    """After a good dispatch, ``dropper`` loses its combine notify block to ``victim`` (a rail
+    peer) as a cut link would: ``victim`` waits in notify, its node-mates in combine for its
+    rows. Returns (blamed rank, message, seconds until the error) per rank."""
+    import dispatch
+    from dispatch.host.notify import NOTIFY_TAG
+    from dispatch.host.rail_link import Pending
+
+    buf = dispatch.Buffer(ctx.group, num_ranks_per_node=ctx.ranks_per_node, timeout_s=timeout_s)
+    R, L = ctx.world_size, ctx.ranks_per_node
+    x = torch.randn(64, 16)
+    topk = make_routing(gen(7, ctx.rank), 64, 2 * R, 2, R, L, "random", 0.0)
+    recv_x, _, _, _, handle, _ = buf.dispatch(x, topk_idx=topk, num_experts=2 * R)
+    torch.distributed.barrier(ctx.group)  # every rank is out of dispatch
+    if ctx.rank == dropper:
+        rail, isend = buf._backend.rail, buf._backend.rail.isend
+
+        def lossy_isend(tensor, peer, tag):
+            if peer == victim and tag == NOTIFY_TAG:
+                lost = Pending(None)
+                lost.finished = True  # sent, as far as this rank can tell
+                return lost
+            return isend(tensor, peer, tag)
+
+        rail.isend = lossy_isend
+    start = time.monotonic()
+    try:
+        buf.combine(recv_x, handle)
+        blamed, message = None, ""
+    except dispatch.PeerTimeoutError as error:
+        blamed, message = error.rank, str(error)
+    seconds = time.monotonic() - start
+    buf.destroy()
+    return blamed, message, seconds
+
+
+def test_node_mates_behind_a_lost_block_name_the_rank_across_the_link(cluster_factory):
+    """Rank 3's combine notify block never reaches rank 1: rank 0 enters combine and waits for
+    rank 1's rows, rank 1 waits in notify for rank 3. Rank 0 used to grant its live node-mate a
+    grace and then name it (rank 1's own notify wait is longer), and rank 1 followed: the CI
+    link-cut failure of 2026-12-04. Rank 1 says on the node's wait board that it waits on rank
+    3, so both name rank 3, well before rank 0's grace would have ended."""
+    timeout_s = 6.0
+    results = cluster_factory(2, 2).run(_job_one_way_notify_loss, 3, 1, timeout_s, timeout_s=120)
+    for rank, (blamed, message, seconds) in enumerate(results):
+        assert blamed is not None, f"rank {rank}: combine returned after {seconds:.1f} s"
+        assert seconds < 3 * timeout_s, f"rank {rank}: {message} after {seconds:.1f} s"
+    for rank in (0, 1):
+        blamed, message, seconds = results[rank]
+        assert blamed == 3, f"rank {rank}: {message} after {seconds:.1f} s"
+        assert seconds < 1.5 * timeout_s, f"rank {rank}: {message} after {seconds:.1f} s"
+    assert "rank 1 waits on it" in results[0][1], results[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # arguments that disagree across ranks, foreign handles, stale layouts, messages in words
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 Each local rank owns an *area* of the segment, laid out as::
 
     control block (pid, doorbell, counters, each on its own cache line; two notify rows;
+                   what this rank waits on when stalled: see wait_board.py;
                    in local rank 0's area, the node's failure word: see failure.py)
     outbox slots   [OUTBOX_SLOTS]        dispatch records this rank exposes to its node
     return slots   [L][RETURN_SLOTS]     combine rows this rank returns to each local reducer
@@ -27,6 +28,7 @@ from .. import _C
 from ..topology import Topology
 from .failure import FailureBoard
 from .progress import Progress
+from .wait_board import WaitBoard
 
 OUTBOX_SLOTS = 4
 RETURN_SLOTS = 2
@@ -57,7 +59,8 @@ class NodeLink:
         self._doorbell_off = _LINE
         self._notify_seq_off = 2 * _LINE  # two lines
         self._failure_off = 4 * _LINE  # used in local rank 0's area only
-        self._acked_off = 5 * _LINE  # L lines: reader i's ack of this outbox
+        self._waits_off = 5 * _LINE
+        self._acked_off = 6 * _LINE  # L lines: reader i's ack of this outbox
         self._published_off = self._acked_off + L * _LINE
         self._ret_published_off = self._published_off + _LINE  # L lines, one per reducer
         self._ret_consumed_off = self._ret_published_off + L * _LINE  # L lines
@@ -80,6 +83,7 @@ class NodeLink:
         self._notify_rows = [[self.view(self._addr(j, self._notify_rows_off + parity * notify_words * 8),
                                         notify_words * 8).view(torch.int64) for j in range(L)] for parity in (0, 1)]
         self.failures = FailureBoard(self._addr(0, self._failure_off), self.ring_node)
+        self.waits = WaitBoard(topo, lambda j: self._addr(j, self._waits_off))
 
     @staticmethod
     def _map_segment(group: dist.ProcessGroup, topo: Topology,
@@ -125,8 +129,9 @@ class NodeLink:
 
     def progress(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]]) -> Progress:
         """A Progress for a loop of this rank: sleeps on its doorbell, watches the node's pids
-        and the buffer's first failure."""
-        return Progress(timeout_s, what, blocker, self.local_pids, bell=self, failures=self.failures)
+        and the buffer's first failure, and says what it waits on when stalled."""
+        return Progress(timeout_s, what, blocker, self.local_pids, bell=self, failures=self.failures,
+                        waits=self.waits)
 
     # --- doorbells ------------------------------------------------------------------------
     def ring(self, local_rank: int) -> None:
@@ -204,6 +209,7 @@ class NodeLink:
     def close(self) -> None:
         with self._bell_lock:
             self.failures.close()
+            self.waits.close()
             self._notify_rows = []
             if self._segment is not None:
                 self._segment.close()

@@ -14,8 +14,9 @@ from ..errors import PeerTimeoutError
 _SLEEP_MIN_S = 20e-6
 _SLEEP_MAX_S = 1e-3
 _PID_CHECK_INTERVAL_S = 0.1
-# A live node-mate that stalls is usually stuck behind the real failure: give it this fraction of
-# timeout_s more to record that failure in the node's failure word before blaming it. Without
+# A live node-mate that stalls is usually stuck behind the real failure: the wait board names
+# what it waits on (wait_board.py); if it said nothing, give it this fraction of timeout_s more
+# to record that failure in the node's failure word before blaming it. Without
 # it, a CI run (2026-12-03) had rank 2 of a 2x2 cluster, neither node-mate nor rail peer of the
 # killed rank 1, name its node-mate 3 (tests/test_faults.py).
 LIVE_PEER_GRACE_FRACTION = 0.5
@@ -51,16 +52,20 @@ class Progress:
             link); every change a pass can wait on must ring it.
         failures: the buffer's ``FailureBoard``: a stalled pass gives up at once, naming the
             first failed rank, when another rank recorded one.
+        waits: the node's ``WaitBoard``: a stalled pass says what it waits on there, and a
+            timeout on a live node-mate names the end of that node-mate's wait chain.
     """
 
     def __init__(self, timeout_s: float, what: str, blocker: Callable[[], Optional[int]],
-                 local_pids: Optional[dict] = None, bell: Any = None, failures: Any = None) -> None:
+                 local_pids: Optional[dict] = None, bell: Any = None, failures: Any = None,
+                 waits: Any = None) -> None:
         self.timeout_s = timeout_s
         self.what = what
         self.blocker = blocker
         self.local_pids = local_pids or {}
         self.bell = bell
         self.failures = failures
+        self.waits = waits
         # Read before the first pass: a ring during a pass makes the next wait return at once.
         self._seen = bell.bell_rings() if bell is not None else 0
         self._sleep_s = _SLEEP_MIN_S
@@ -87,13 +92,10 @@ class Progress:
             for rank, pid in self.local_pids.items():
                 if not pid_alive(pid):
                     raise PeerTimeoutError(rank, f"died (pid {pid}) during {self.what}")
+            if self.waits is not None:
+                self.waits.publish(self.blocker())
         if now - self._last_progress > self.timeout_s + self._grace_s:
-            rank = self.blocker()
-            if self._grace_s == 0.0 and rank in self.local_pids:
-                self._grace_s = LIVE_PEER_GRACE_FRACTION * self.timeout_s
-            else:
-                raise PeerTimeoutError(-1 if rank is None else rank, f"did not take part in {self.what}",
-                                       self.timeout_s)
+            self._give_up_or_grant_grace()
         if self.bell is not None:
             left_s = self.timeout_s + self._grace_s - (now - self._last_progress)
             wait_s = min(_PID_CHECK_INTERVAL_S, max(left_s, 0.0)) + 1e-3
@@ -102,6 +104,25 @@ class Progress:
             return
         time.sleep(self._sleep_s)
         self._sleep_s = min(_SLEEP_MAX_S, self._sleep_s * 2)
+
+
+    def _give_up_or_grant_grace(self) -> None:
+        """Past the deadline: raises naming the end of the wait chain from the blocker, unless
+        that end is a live node-mate seen for the first time, which gets a grace to record the
+        failure it is stuck behind."""
+        rank = self.blocker()
+        chain = [rank]
+        if rank in self.local_pids and self.waits is not None:
+            chain = self.waits.follow(rank)
+        culprit = chain[-1]
+        if self._grace_s == 0.0 and culprit in self.local_pids:
+            self._grace_s = LIVE_PEER_GRACE_FRACTION * self.timeout_s
+            return
+        what = f"did not take part in {self.what}"
+        if len(chain) > 1:
+            which = ", which" if len(chain) > 2 else ""
+            what += f" ({' waits on '.join(f'rank {r}' for r in chain[:-1])}{which} waits on it)"
+        raise PeerTimeoutError(-1 if culprit is None else culprit, what, self.timeout_s)
 
 
 class Role(Protocol):
