@@ -204,6 +204,7 @@ class NodeLink:
                 pending.discard(j)
             if pending:
                 progress.step(bool(done))
+        progress.finish()
         return out
 
     def close(self) -> None:

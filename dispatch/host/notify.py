@@ -51,21 +51,22 @@ def exchange(node: NodeLink, rail: RailLink, row: torch.Tensor, timeout_s: float
     matrix = torch.empty((N, L, row.numel()), dtype=torch.int64)
     matrix[topo.node] = block
     if N > 1:
-        works: Dict[int, object] = {}
-        sends = []
+        pending: Dict[int, object] = {}  # peer -> receive, then peer -> send
+        sends = {}
         for m in range(N):
             if m == topo.node:
                 continue
             peer = topo.rail_peer(m)
-            sends.append((peer, rail.isend(block, peer, NOTIFY_TAG)))
-            works[peer] = rail.irecv(matrix[m], peer, NOTIFY_TAG)
+            sends[peer] = rail.isend(block, peer, NOTIFY_TAG)
+            pending[peer] = rail.irecv(matrix[m], peer, NOTIFY_TAG)
         # Longer than a local wait, so a poisoned block from a peer's node arrives first.
-        progress = node.progress(timeout_s * 1.25 + 1.0, what, lambda: min(works))
-        wait_all(works, progress)
+        progress = node.progress(timeout_s * 1.25 + 1.0, what, lambda: min(pending, default=None))
+        wait_all(pending, progress)
         # A poisoned block means its sender gave up and will never take ours: check before
         # waiting on our sends.
         _raise_if_poisoned(matrix.view(topo.num_ranks, -1), what, timeout_s)
-        wait_all(dict(sends), progress)
+        pending.update(sends)
+        wait_all(pending, progress)
     matrix = matrix.view(topo.num_ranks, -1)
     _raise_if_poisoned(matrix, what, timeout_s)
     return matrix

@@ -73,6 +73,7 @@ class Progress:
         self._last_progress = now
         self._last_pid_check = now
         self._grace_s = 0.0  # extra wait granted to a live node-mate blocker (see above)
+        self._said_waiting = False  # this loop's blocker is on the wait board
 
     def step(self, progressed: bool) -> None:
         """Call once per loop pass."""
@@ -80,6 +81,7 @@ class Progress:
             self._sleep_s = _SLEEP_MIN_S
             self._last_progress = time.monotonic()
             self._grace_s = 0.0
+            self.finish()  # moving again
             if self.bell is not None:
                 self._seen = self.bell.bell_rings()
             return
@@ -94,6 +96,7 @@ class Progress:
                     raise PeerTimeoutError(rank, f"died (pid {pid}) during {self.what}")
             if self.waits is not None:
                 self.waits.publish(self.blocker())
+                self._said_waiting = True
         if now - self._last_progress > self.timeout_s + self._grace_s:
             self._give_up_or_grant_grace()
         if self.bell is not None:
@@ -105,6 +108,11 @@ class Progress:
         time.sleep(self._sleep_s)
         self._sleep_s = min(_SLEEP_MAX_S, self._sleep_s * 2)
 
+    def finish(self) -> None:
+        """Call when the loop is done: takes back what the wait board says."""
+        if self._said_waiting:
+            self._said_waiting = False
+            self.waits.publish(None)
 
     def _give_up_or_grant_grace(self) -> None:
         """Past the deadline: raises naming the end of the wait chain from the blocker, unless
@@ -166,5 +174,6 @@ def drive(roles: Sequence[Role], progress: Progress) -> None:
         for role in roles:
             progressed |= role.step()
         if all(role.done for role in roles):
+            progress.finish()
             return
         progress.step(progressed)

@@ -281,12 +281,13 @@ class RailLink:
             time.sleep(0.01)
 
 
-def wait_all(works: Dict[int, Pending], progress) -> None:
-    """Waits for every ``peer -> work`` with the progress object's timeout."""
-    pending = dict(works)
+def wait_all(pending: Dict[int, Pending], progress) -> None:
+    """Waits for every ``peer -> work`` with the progress object's timeout, deleting each from
+    ``pending`` as it finishes: a blocker that reads ``pending`` names a peer still waited on."""
     while pending:
         finished = [peer for peer, work in pending.items() if RailLink.done(work, peer)]
         for peer in finished:
             del pending[peer]
         if pending:
             progress.step(bool(finished))
+    progress.finish()
