@@ -17,7 +17,9 @@ Backends:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -224,12 +226,13 @@ class Backend(Protocol):
         """This rank's traffic counters of the last dispatch or combine (docs/semantics.md)."""
 
     def destroy(self) -> None:
-        """Collective over the node: frees staging and mappings once every rank is done."""
+        """Collective over the node: frees staging and mappings once every rank is done (a
+        device backend waits ``destroy_wait_s(timeout_s)`` at most, then warns and frees)."""
 
 
 class GroupComm:
-    """Host-side exchange over a torch.distributed group, for set-up only (any backend: a gloo
-    group serves the handshake of a CUDA buffer)."""
+    """Host-side exchange over a torch.distributed group, for set-up and ``destroy`` only (any
+    backend: a gloo group serves the handshake of a CUDA buffer)."""
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -240,8 +243,44 @@ class GroupComm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def barrier(self) -> None:
-        self.all_gather_object(None)
+    def barrier(self, timeout_s: Optional[float] = None) -> bool:
+        """Waits for every rank of the group; returns False if some rank did not come within
+        ``timeout_s``. Bounded on gloo groups only (gloo's ``wait`` takes a timeout; a timed-out
+        barrier stays posted and completes when the late rank arrives, so the group stays in
+        step). On other backends ``wait`` does not block the host, so an unbounded exchange
+        stands in (its end is the group's own timeout)."""
+        import torch.distributed as dist
+        if timeout_s is None or dist.get_backend(self.group) != "gloo":
+            self.all_gather_object(None)
+            return True
+        work = dist.barrier(group=self.group, async_op=True)
+        try:
+            work.wait(timeout=timedelta(seconds=timeout_s))
+        except RuntimeError:  # "Operation timed out!"; a dead peer's connection fails the same way
+            return False
+        return True
+
+
+# Beyond two timeouts, what a peer may take to reach destroy() after its kernels gave up.
+DESTROY_SLACK_S = 5.0
+
+
+def destroy_wait_s(timeout_s: float) -> float:
+    """How long a device backend's ``destroy`` waits for the other ranks: a live peer may be in
+    a failing call whose kernel waits ``timeout_s`` without progress, and that wait may have
+    started up to ``timeout_s`` late (behind another kernel)."""
+    return 2 * timeout_s + DESTROY_SLACK_S
+
+
+def wait_for_peers_before_freeing(comm: Any, timeout_s: float, rank: int) -> None:
+    """A device backend's ``destroy`` barrier: peers may still touch this rank's staging until
+    they are past their kernels. A peer that died never comes: wait ``destroy_wait_s`` (every
+    kernel of a live peer has given up by then), warn, and let the caller free."""
+    wait_s = destroy_wait_s(timeout_s)
+    if not comm.barrier(wait_s):
+        warnings.warn(f"destroy() on rank {rank}: not every rank of the buffer called destroy() within "
+                      f"{wait_s:g} s (a peer died or left); freeing this rank's staging anyway",
+                      RuntimeWarning, stacklevel=3)
 
 
 def dtype_codes(mod: Any) -> Dict[torch.dtype, int]:

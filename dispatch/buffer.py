@@ -176,8 +176,9 @@ class Buffer(DeepEPBufferExtras):
 
     # --- lifetime -----------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Frees the staging memory and the links (idempotent). Collective over the node: a
-        CUDA buffer waits for every rank before freeing what peers may still touch."""
+        """Frees the staging memory and the links (idempotent). Collective: a CUDA buffer waits
+        for every rank before freeing what peers may still touch (on a gloo group at most
+        2 x ``timeout_s`` + 5 s, then it frees with a ``RuntimeWarning``: a peer died or left)."""
         if self._backend is not None:
             backend, self._backend = self._backend, None
             backend.destroy()

@@ -55,8 +55,14 @@ class LoopbackComm:
         self._barrier.wait()
         return out
 
-    def barrier(self) -> None:
-        self._barrier.wait()
+    def barrier(self, timeout_s: Optional[float] = None) -> bool:
+        """Waits for every virtual rank; False if some did not come within ``timeout_s`` (the
+        barrier is then broken for the rest of the loopback's life: destroy is its last use)."""
+        try:
+            self._barrier.wait(timeout_s)
+        except threading.BrokenBarrierError:
+            return False
+        return True
 
 
 class _RankComm:
@@ -66,8 +72,8 @@ class _RankComm:
     def all_gather_object(self, obj: Any) -> List[Any]:
         return self.shared.all_gather_object(obj, self.rank)
 
-    def barrier(self) -> None:
-        self.shared.barrier()
+    def barrier(self, timeout_s: Optional[float] = None) -> bool:
+        return self.shared.barrier(timeout_s)
 
 
 class LoopbackGroup:

@@ -33,7 +33,7 @@ import torch
 
 from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
-                       HandleOrigin, dtype_codes, verdict_code, verdict_error)
+                       HandleOrigin, dtype_codes, verdict_code, verdict_error, wait_for_peers_before_freeing)
 from ..compat import DeepEPHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
@@ -584,13 +584,14 @@ class CudaBackend(DeviceCalls):
         return dict(self.last_stats)
 
     def destroy(self) -> None:
-        """Waits for this rank's stream, then for every rank of the node (peers may still read
-        or write this rank's staging until their own kernels finished), then frees."""
+        """Waits for this rank's stream, then for every rank (peers may still read or write this
+        rank's staging until their own kernels finished; bounded, see
+        ``wait_for_peers_before_freeing``), then frees."""
         try:
             self.stream.synchronize()
         except Exception:  # noqa: BLE001 - a failed device must not block the barrier
             pass
-        self.comm.barrier()
+        wait_for_peers_before_freeing(self.comm, self.timeout_s, self.topo.rank)
         self._mappings = []
         self.staging = None
         self.host_out = None

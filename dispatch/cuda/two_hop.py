@@ -27,7 +27,7 @@ import torch
 
 from .. import _C
 from ..backend import (CachedDispatchArgs, CallOptions, CombineArgs, CombineResult, DispatchArgs, DispatchResult,
-                       HandleOrigin, dtype_codes, verdict_code, verdict_error)
+                       HandleOrigin, dtype_codes, verdict_code, verdict_error, wait_for_peers_before_freeing)
 from ..compat import CountedHandleView
 from ..config import Config
 from ..errors import PeerTimeoutError
@@ -616,7 +616,7 @@ class TwoHopBackend(DeviceCalls):
 
     def destroy(self) -> None:
         """Waits for this rank's streams, then for every rank (peers may still touch this rank's
-        staging), then frees. After a failure a rail round may wait on a dead peer forever: the
+        staging; bounded, see ``wait_for_peers_before_freeing``), then frees. After a failure a rail round may wait on a dead peer forever: the
         transport is aborted first, which ends it, so the streams drain."""
         if self._error_words[0]:
             self.rail.abort()
@@ -625,7 +625,7 @@ class TwoHopBackend(DeviceCalls):
             self.stream.synchronize()
         except Exception:  # noqa: BLE001 - a failed device must not block the barrier
             pass
-        self.comm.barrier()
+        wait_for_peers_before_freeing(self.comm, self.timeout_s, self.topo.rank)
         self.rail.close()
         self._mappings = []
         self._rail_buffers = {}
