@@ -616,8 +616,9 @@ class TwoHopBackend(DeviceCalls):
 
     def destroy(self) -> None:
         """Waits for this rank's streams, then for every rank (peers may still touch this rank's
-        staging; bounded, see ``wait_for_peers_before_freeing``), then frees. After a failure a rail round may wait on a dead peer forever: the
-        transport is aborted first, which ends it, so the streams drain."""
+        staging; bounded, see ``wait_for_peers_before_freeing``), then frees. After a failure a
+        rail round may wait on a dead peer forever: the transport is aborted first, which ends
+        it, so the streams drain."""
         if self._error_words[0]:
             self.rail.abort()
         try:
