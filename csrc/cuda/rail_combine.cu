@@ -6,30 +6,37 @@
 //     warps as the forwarder's (rail_units.h: several pairs per warp, or several warps per pair
 //     publishing the tail in slot order), copying the rows I received from source (m, j) into
 //     ring (m, me) of local rank j; a warp polls all its units when none has ring space. Block
-//     2s + 1 (reducer): thread 0 polls the block's nodes for a record whose contributors have all
-//     returned their rows, then every thread sums columns (col = threadIdx.x strided).
+//     2s + 1 (reducer): its warps sum different records at once: lane 0 of a warp polls the block's
+//     nodes and, under the node's lock word in shared memory, claims the node's next record once
+//     all its contributors have returned their rows (records claimed in order, each taking the next
+//     slot of its rings); the warp sums its columns (lane-strided, 4 per lane per pass) and weights,
+//     then lane 0 hands the slots back in slot order per ring (publish_in_turn). No block barrier
+//     after the start.
 //   rail_final_kernel: <= min(num_sms, 132) blocks (4 on SIMT) x kThreads, a token per block
 //     (strided), columns across threads.
 // Bytes in flight per SM, by construction (Little's law at 0.5 us latency):
 //   returner: G * pairs of its 16 warps x 2 KiB (warp_copy, 4 x 16 B per lane): 16 warps when
 //     pairs = ceil(N / S) * L divides 16 or exceeds it: 32 KiB, 64 GB/s per SM (before: L warps,
 //     L = 8: 16 KiB, 32 GB/s).
-//   reducer: one scalar load per thread per contributor, independent: at most 512 x c x 4 B
-//     (8 B for fp64) = 2c KiB per record, c <= L contributors: L = 8: 16 KiB, 32 GB/s per SM;
-//     then a __syncthreads per record (the slots are handed back), so records do not overlap.
+//   reducer: each of the 16 warps sums its own record, each lane loading up to 4 columns x c
+//     contributors (scalar, independent: the sums only meet in registers): 16 x 32 x 4 x c x 4 B
+//     (8 B for fp64) = 8c KiB per SM, c <= L: L = 8: 64 KiB, 128 GB/s per SM (before: one record
+//     at a time, 512 x c x 4 B = 2c KiB, then three __syncthreads per record; L = 8: 16 KiB,
+//     32 GB/s). Whether ptxas hoists every load of a pass ahead of the adds is not checked (no GPU).
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
 //     but up to min(num_sms, 132) SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 110 registers (64 before the units
-//   and the polling reducer), 8520 bytes static shared (per unit / pair: rows taken or consumed,
-//   turns; per node: records summed; the contributors), 0 spill: one 512-thread block per SM
-//   (110 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
+// ptxas -v (sm_90): rail_reduce_kernel<float> 124 registers, <double> 112 (before the warp
+//   reducer: 110 and 112; 64 before the units and the polling reducer), 13056 bytes static shared
+//   (per unit / pair: rows taken or slots taken, turns; per node: records claimed, a lock; per
+//   reducer warp: its claim, 272 B; before: 8520), 0 spill: one 512-thread block per SM
+//   (124 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
 //   alone ptxas held the old reducer to 40 registers and <double> spilled 24 bytes;
 //   (kThreads, 1) lets it take what it needs. rail_final_kernel<float> 27 registers, <double>
 //   28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
 // Two-hop combine, dispatch run backwards. The reduce kernel: block 2s returns the rows I
 // received from source nodes m = s, s + S, ... to their forwarders (source (m, j)'s rows to local
 // rank j, ring (m, me) there); block 2s + 1 is my reducer for those nodes: for every record I forwarded
-// from node m, in order, it sums the returned rows of the local ranks that received it in
+// from node m (claimed in order, several summed at once by different warps), it sums the returned rows of the local ranks that received it in
 // ascending local rank (fp32, fp64 for float64) into one partial per (token, node). The backend
 // then sends the partials of remote source nodes over the rail. The final kernel, at the source:
 // acc = 0, += own node's partial, += each remote node's partial in ascending node order, + bias,
@@ -363,7 +370,7 @@ void load_rail_combine_kernels() {
 void launch_rail_reduce(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
   // returners: a warp per (source node, local rank) pair, polling when a warp has several;
-  // reducers use every thread for columns (fewer on SIMT: it pays per thread)
+  // reducers: a record per warp at a time (fewer threads on SIMT: it pays per thread)
   const RailGrid g = RailGrid::of(a.num_sms, a.num_nodes);
   const int threads = is_simt() ? 128 : kThreads;
   if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * g.slots, threads, 0, as_stream(stream), a);
