@@ -166,6 +166,13 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
   __syncthreads();
   ReduceClaim& mine = claims[warp];
   int last = warp % nodes;  // lane 0: the node it claimed from last (stays on it while it has ready records)
+  auto take = [&](int t) {  // lane 0: one attempt at node t's lock
+#if DISPATCH_BAD_VARIANT == DISPATCH_BAD_RAIL_CLAIM_UNLOCKED
+    return t >= 0;  // as if every warp held it: two warps may claim one record, or its slots
+#else
+    return port::try_lock_block(lock + t);
+#endif
+  };
   // Lane 0, node t's lock held. 1: node t's next record is ready; 0: waits on local rank *blame; -1: node t is done.
   auto ready = [&](int t, int* blame) {
     const int m = g.node(s, t);
@@ -204,7 +211,7 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
         bool waiting = false;
         for (int u = 0; u < nodes; ++u) {
           const int t = (last + u) % nodes;
-          if (!port::try_lock_block(lock + t)) {  // another warp is claiming from node t
+          if (!take(t)) {  // another warp is claiming from node t
             waiting = true;
             continue;
           }
@@ -222,7 +229,7 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
       };
       auto site = [&]() {  // the first node whose next record waits, and on which local rank
         for (int t = 0; t < nodes; ++t) {
-          while (!port::try_lock_block(lock + t)) port::spin_pause();  // a holder never waits
+          while (!take(t)) port::spin_pause();  // a holder never waits
           const int r = ready(t, &blame);
           port::st_release_block(lock + t, 0);
           if (r == 0) return WaitSite{n * L + blame, g.node(s, t), kWaitCombineData};
