@@ -25,11 +25,11 @@
 //     32 GB/s). Whether ptxas hoists every load of a pass ahead of the adds is not checked (no GPU).
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
 //     but up to min(num_sms, 132) SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> 124 registers, <double> 112 (before the warp
+// ptxas -v (sm_90): rail_reduce_kernel<float> 122 registers, <double> 110 (before the warp
 //   reducer: 110 and 112; 64 before the units and the polling reducer), 13056 bytes static shared
 //   (per unit / pair: rows taken or slots taken, turns; per node: records claimed, a lock; per
 //   reducer warp: its claim, 272 B; before: 8520), 0 spill: one 512-thread block per SM
-//   (124 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
+//   (122 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
 //   alone ptxas held the old reducer to 40 registers and <double> spilled 24 bytes;
 //   (kThreads, 1) lets it take what it needs. rail_final_kernel<float> 27 registers, <double>
 //   28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
@@ -262,10 +262,10 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
         else reinterpret_cast<AccT*>(partial)[col] = acc[u];
       }
     }
-    if (lane < k) {
+    for (int col = lane; col < k; col += 32) {  // any top-k: no limit of 32
       float acc = 0.0f;
-      for (int qi = 0; qi < c; ++qi) acc += load_f32_cg(mine.row[qi] + rl.weights_offset() + 4 * lane);
-      store_f32(partial + pl.weights_offset() + 4 * lane, acc);
+      for (int qi = 0; qi < c; ++qi) acc += load_f32_cg(mine.row[qi] + rl.weights_offset() + 4 * col);
+      store_f32(partial + pl.weights_offset() + 4 * col, acc);
     }
     __syncwarp();  // every lane has read the slots before they are handed back
     int ok = 1;
