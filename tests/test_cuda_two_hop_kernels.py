@@ -2,8 +2,9 @@
 Python: ``tests/simt/rail_driver.cpp`` runs N x L virtual ranks through the loopback rail's copy
 (each chunk throttled, so the forwarders really overlap the wire) and checks dispatch and the
 combine's fixed order against a C++ reference. Plain, under ThreadSanitizer (zero reports), and
-known-bad variant 5 (the forwarder reads a chunk before its arrival counter says it landed), which
-must be caught: wrong output (exit 3), a kernel timeout (exit 4) or a TSan report (exit 66)."""
+known-bad variants 5 (the forwarder reads a chunk before its arrival counter says it landed) and 6
+(the reducer's warps claim records without the node's lock), which must be caught: wrong output
+(exit 3), a kernel timeout (exit 4) or a TSan report (exit 66)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tests.simt.build import CXX, SimtBuilds
 
 TSAN = ["-fsanitize=thread", "-Wno-tsan"]
 TSAN_EXIT_CODE = 66
-VARIANTS = {"plain": [], "tsan": TSAN, "bad5": TSAN + ["-DDISPATCH_BAD_VARIANT=5"]}
+VARIANTS = {"plain": [], "tsan": TSAN, "bad5": TSAN + ["-DDISPATCH_BAD_VARIANT=5"],
+            "bad6": TSAN + ["-DDISPATCH_BAD_VARIANT=6"]}
 SMALL_STAGING = 512 * 1024 + 8192  # a few ring slots per (node, peer): the rings wrap
 
 pytestmark = pytest.mark.skipif(shutil.which(CXX) is None, reason=f"needs a C++ compiler ({CXX})")
@@ -77,3 +79,17 @@ def test_forwarder_reading_before_arrival_is_caught(drivers):
             break
     assert res.returncode in caught, f"variant 5 was not caught: exit {res.returncode}\n{res.stderr[-3000:]}"
     print(f"bad variant 5: caught by {caught[res.returncode]}")
+
+
+def test_reducer_claiming_without_the_lock_is_caught(drivers):
+    """Variant 6: the reducer's warps claim records without the node's lock, so two may take one
+    record (or one ring slot) and the claim counters race: wrong output, a kernel timeout or a
+    TSan report, with one of a few seeds."""
+    caught = {3: "wrong output", 4: "kernel timeout", TSAN_EXIT_CODE: "ThreadSanitizer report"}
+    for seed in (7, 8, 9):
+        res = _run(drivers["bad6"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=50_000, timeout_s=3.0,
+                   yield_seed=seed)
+        if res.returncode in caught:
+            break
+    assert res.returncode in caught, f"variant 6 was not caught: exit {res.returncode}\n{res.stderr[-3000:]}"
+    print(f"bad variant 6: caught by {caught[res.returncode]}")

@@ -11,3 +11,4 @@
 #define DISPATCH_BAD_NO_BARRIER_BEFORE_HEAD 3  // combine frees ring slots before every thread read them
 #define DISPATCH_BAD_WAIT_ONE_TOO_MANY 4    // a dispatch receiver waits for one record more than comes
 #define DISPATCH_BAD_RAIL_EARLY_READ 5      // the two-hop forwarder reads chunk i before its arrival counter says so
+#define DISPATCH_BAD_RAIL_CLAIM_UNLOCKED 6    // two-hop reducer warps claim records without the node's lock

@@ -75,6 +75,12 @@ DISPATCH_DEVICE uint32_t ld_acquire_block(const uint32_t* p) {
 DISPATCH_DEVICE void st_release_block(uint32_t* p, uint32_t v) {
   asm volatile("st.release.cta.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// A block-scope lock word (0 free, 1 held): one attempt, acquire on success; st_release_block(p, 0) frees it.
+DISPATCH_DEVICE bool try_lock_block(uint32_t* p) {
+  uint32_t old;
+  asm volatile("atom.acquire.cta.cas.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(p), "r"(0u), "r"(1u) : "memory");
+  return old == 0;
+}
 DISPATCH_DEVICE uint64_t global_timer() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -121,6 +127,11 @@ DISPATCH_DEVICE uint32_t ld_acquire_block(const uint32_t* p) {
 DISPATCH_DEVICE void st_release_block(uint32_t* p, uint32_t v) {
   ::simt::maybe_yield();
   __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+DISPATCH_DEVICE bool try_lock_block(uint32_t* p) {
+  ::simt::maybe_yield();
+  uint32_t expected = 0;
+  return __atomic_compare_exchange_n(p, &expected, 1u, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
 }
 DISPATCH_DEVICE uint64_t global_timer() { return ::simt::global_timer_ns(); }
 // The block's virtual SM: the resident slot it holds (docs/simt.md).

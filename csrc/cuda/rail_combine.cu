@@ -6,30 +6,37 @@
 //     warps as the forwarder's (rail_units.h: several pairs per warp, or several warps per pair
 //     publishing the tail in slot order), copying the rows I received from source (m, j) into
 //     ring (m, me) of local rank j; a warp polls all its units when none has ring space. Block
-//     2s + 1 (reducer): thread 0 polls the block's nodes for a record whose contributors have all
-//     returned their rows, then every thread sums columns (col = threadIdx.x strided).
+//     2s + 1 (reducer): its warps sum different records at once: lane 0 of a warp polls the block's
+//     nodes and, under the node's lock word in shared memory, claims the node's next record once
+//     all its contributors have returned their rows (records claimed in order, each taking the next
+//     slot of its rings); the warp sums its columns (lane-strided, 4 per lane per pass) and weights,
+//     then lane 0 hands the slots back in slot order per ring (publish_in_turn). No block barrier
+//     after the start.
 //   rail_final_kernel: <= min(num_sms, 132) blocks (4 on SIMT) x kThreads, a token per block
 //     (strided), columns across threads.
 // Bytes in flight per SM, by construction (Little's law at 0.5 us latency):
 //   returner: G * pairs of its 16 warps x 2 KiB (warp_copy, 4 x 16 B per lane): 16 warps when
 //     pairs = ceil(N / S) * L divides 16 or exceeds it: 32 KiB, 64 GB/s per SM (before: L warps,
 //     L = 8: 16 KiB, 32 GB/s).
-//   reducer: one scalar load per thread per contributor, independent: at most 512 x c x 4 B
-//     (8 B for fp64) = 2c KiB per record, c <= L contributors: L = 8: 16 KiB, 32 GB/s per SM;
-//     then a __syncthreads per record (the slots are handed back), so records do not overlap.
+//   reducer: each of the 16 warps sums its own record, each lane loading up to 4 columns x c
+//     contributors (scalar, independent: the sums only meet in registers): 16 x 32 x 4 x c x 4 B
+//     (8 B for fp64) = 8c KiB per SM, c <= L: L = 8: 64 KiB, 128 GB/s per SM (before: one record
+//     at a time, 512 x c x 4 B = 2c KiB, then three __syncthreads per record; L = 8: 16 KiB,
+//     32 GB/s). Whether ptxas hoists every load of a pass ahead of the adds is not checked (no GPU).
 //   final: at most 512 threads x (1 + (N - 1) partials) x 4 B = 2N KiB per SM: N = 2: 8 GB/s,
 //     but up to min(num_sms, 132) SMs work at once.
-// ptxas -v (sm_90): rail_reduce_kernel<float> and <double> 110 registers (64 before the units
-//   and the polling reducer), 8520 bytes static shared (per unit / pair: rows taken or consumed,
-//   turns; per node: records summed; the contributors), 0 spill: one 512-thread block per SM
-//   (110 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
+// ptxas -v (sm_90): rail_reduce_kernel<float> 122 registers, <double> 110 (before the warp
+//   reducer: 110 and 112; 64 before the units and the polling reducer), 13056 bytes static shared
+//   (per unit / pair: rows taken or slots taken, turns; per node: records claimed, a lock; per
+//   reducer warp: its claim, 272 B; before: 8520), 0 spill: one 512-thread block per SM
+//   (122 x 512 < 64K; the grid is one block per SM anyway). Under __launch_bounds__(kThreads)
 //   alone ptxas held the old reducer to 40 registers and <double> spilled 24 bytes;
 //   (kThreads, 1) lets it take what it needs. rail_final_kernel<float> 27 registers, <double>
 //   28 registers, 0 spill (a 48-byte stack frame: a local array, not a spill).
 // Two-hop combine, dispatch run backwards. The reduce kernel: block 2s returns the rows I
 // received from source nodes m = s, s + S, ... to their forwarders (source (m, j)'s rows to local
 // rank j, ring (m, me) there); block 2s + 1 is my reducer for those nodes: for every record I forwarded
-// from node m, in order, it sums the returned rows of the local ranks that received it in
+// from node m (claimed in order, several summed at once by different warps), it sums the returned rows of the local ranks that received it in
 // ascending local rank (fp32, fp64 for float64) into one partial per (token, node). The backend
 // then sends the partials of remote source nodes over the rail. The final kernel, at the source:
 // acc = 0, += own node's partial, += each remote node's partial in ascending node order, + bias,
@@ -120,17 +127,31 @@ DISPATCH_DEVICE void return_pairs(const RailCombineArgs& a, const RailGrid& g, i
   }
 }
 
-// Reducer block of pair s: for every record I forwarded from its source nodes, in order per node,
-// thread 0 finds a node whose next record's contributors have all returned their rows (polling
-// every node of the block, never waiting on one while another is ready), then every thread sums
-// columns. consumed[t * L + j]: rows of local rank j for the block's t-th node taken so far.
+// What a reducer warp claimed: record i of the block's t-th node, its c contributors (ascending
+// local rank j), their ring slots and the rows there.
+struct ReduceClaim {
+  const uint8_t* row[kMaxPeers];
+  int j[kMaxPeers];
+  uint32_t slot[kMaxPeers];
+  int c, t;
+  int64_t i;
+};
+
+// Reducer block of pair s: its warps sum different records at once. Lane 0 of a warp polls the
+// block's nodes (never waiting on one while another is ready) and claims the next record of a
+// node once all its contributors have returned their rows: under the node's lock, records are
+// claimed in order, each taking the next slot of every ring (m, j) it reads (taken[t * L + j]),
+// so no record reads beyond what the returners published, and those never run more than `slots`
+// ahead of the head. The warp sums the columns (lane-strided) and the weights, then hands its
+// slots back in slot order per ring (turn[t * L + j], publish_in_turn): a slot is freed only once
+// every earlier record of the ring was read. claimed[t]: records of node t claimed so far.
 template <typename AccT>
-DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* consumed,
-                                  uint32_t* done) {
-  DISPATCH_SHARED_ARRAY(int, contrib, kMaxPeers);
-  DISPATCH_SHARED(int, num_contrib);
-  DISPATCH_SHARED(int, picked);  // the block's node t whose record is summed now; -1: all done; -2: failed
+DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, int s, uint32_t* taken,
+                                  uint32_t* turn, uint32_t* claimed) {
+  DISPATCH_SHARED_ARRAY(uint32_t, lock, kMaxNodes);  // per node: held while a warp checks or claims
+  DISPATCH_SHARED_ARRAY(ReduceClaim, claims, kThreads / 32);
   const int L = a.num_ranks, me = a.rank, n = a.node, k = a.num_topk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int nodes = g.nodes_of(s);
   const uint64_t own = a.peers.ptr[me];
   const Waiter w{own, a.wait, 0};
@@ -140,97 +161,122 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
   const int64_t slots = a.ring_slots;
   const int64_t* fwd_begin = reinterpret_cast<const int64_t*>(a.fwd_begin);
   const int32_t* routes = reinterpret_cast<const int32_t*>(a.routes);
-  for (int q = threadIdx.x; q < nodes * L; q += blockDim.x) consumed[q] = 0;
-  for (int t = threadIdx.x; t < nodes; t += blockDim.x) done[t] = 0;
+  for (int q = threadIdx.x; q < nodes * L; q += blockDim.x) taken[q] = turn[q] = 0;
+  for (int t = threadIdx.x; t < nodes; t += blockDim.x) claimed[t] = lock[t] = 0;
   __syncthreads();
-  int last = 0;  // thread 0: the node it summed last (stays on it while its records are ready)
+  ReduceClaim& mine = claims[warp];
+  int last = warp % nodes;  // lane 0: the node it claimed from last (stays on it while it has ready records)
+  auto take = [&](int t) {  // lane 0: one attempt at node t's lock
+#if DISPATCH_BAD_VARIANT == DISPATCH_BAD_RAIL_CLAIM_UNLOCKED
+    return t >= 0;  // as if every warp held it: two warps may claim one record, or its slots
+#else
+    return port::try_lock_block(lock + t);
+#endif
+  };
+  // Lane 0, node t's lock held. 1: node t's next record is ready; 0: waits on local rank *blame; -1: node t is done.
+  auto ready = [&](int t, int* blame) {
+    const int m = g.node(s, t);
+    const int64_t begin = fwd_begin[m], i = claimed[t];
+    if (i >= fwd_begin[m + 1] - begin) return -1;
+    for (int j = 0; j < L; ++j) {
+      if (routes[(begin + i) * L + j] < 0) continue;
+      if (port::ld_acquire(tail_of(own, m, j)) < taken[t * L + j] + 1ull) {
+        *blame = j;
+        return 0;
+      }
+    }
+    return 1;
+  };
   for (;;) {
-    if (threadIdx.x == 0) {
-      // 1: node t's next record is ready; 0: waits on local rank *blame; -1: node t is done
-      auto ready = [&](int t, int* blame) {
+    int got = 0;  // 1: claimed a record; 0: every record of the block's nodes is claimed; -1: failed
+    if (lane == 0) {
+      int blame = 0;
+      auto claim = [&](int t) {  // node t's lock held, its next record ready
         const int m = g.node(s, t);
-        const int64_t begin = fwd_begin[m], i = done[t];
-        if (i >= fwd_begin[m + 1] - begin) return -1;
+        const int64_t i = claimed[t], rec = fwd_begin[m] + i;
+        int c = 0;
         for (int j = 0; j < L; ++j) {
-          if (routes[(begin + i) * L + j] < 0) continue;
-          if (port::ld_acquire(tail_of(own, m, j)) < consumed[t * L + j] + 1ull) {
-            *blame = j;
-            return 0;
-          }
+          if (routes[rec * L + j] < 0) continue;
+          const uint32_t slot = taken[t * L + j]++;
+          mine.j[c] = j;
+          mine.slot[c] = slot;
+          mine.row[c++] = ring_of(own, m, j, L, slots, row_bytes) + (slot % slots) * row_bytes;
         }
-        return 1;
+        mine.c = c;
+        mine.t = t;
+        mine.i = i;
+        claimed[t] = static_cast<uint32_t>(i + 1);
       };
-      int pick = -1, blame = 0;
       auto poll = [&]() {
         bool waiting = false;
         for (int u = 0; u < nodes; ++u) {
           const int t = (last + u) % nodes;
+          if (!take(t)) {  // another warp is claiming from node t
+            waiting = true;
+            continue;
+          }
           const int r = ready(t, &blame);
+          if (r == 1) claim(t);
+          port::st_release_block(lock + t, 0);
           if (r == 1) {
-            pick = t;
+            last = t;
+            got = 1;
             return true;
           }
           waiting = waiting || r == 0;
         }
-        pick = -1;
         return !waiting;
       };
-      auto site = [&]() {
+      auto site = [&]() {  // the first node whose next record waits, and on which local rank
         for (int t = 0; t < nodes; ++t) {
-          if (ready(t, &blame) == 0) return WaitSite{n * L + blame, g.node(s, t), kWaitCombineData};
+          while (!take(t)) port::spin_pause();  // a holder never waits
+          const int r = ready(t, &blame);
+          port::st_release_block(lock + t, 0);
+          if (r == 0) return WaitSite{n * L + blame, g.node(s, t), kWaitCombineData};
         }
         return WaitSite{n * L + me, g.node(s, 0), kWaitCombineData};
       };
-      const bool ok = w.until_any(poll, site);
-      if (ok && pick >= 0) {
-        const int m = g.node(s, pick);
-        const int64_t rec = fwd_begin[m] + done[pick];
-        int c = 0;
-        for (int j = 0; j < L; ++j) {
-          if (routes[rec * L + j] >= 0) contrib[c++] = j;
-        }
-        num_contrib = c;
-        last = pick;
-      }
-      picked = ok ? pick : -2;
+      if (!w.until_any(poll, site)) got = -1;
     }
-    __syncthreads();  // thread 0's acquires order every thread's reads of the rows
-    const int t = picked;
-    if (t < 0) return;
-    const int m = g.node(s, t), c = num_contrib;
-    const int64_t i = done[t];
+    if (__shfl_sync(0xffffffffu, got, 0) <= 0) return;
+    __syncwarp();  // lane 0's acquires of the tails order the warp's reads of the rows
+    const int t = mine.t, c = mine.c, m = g.node(s, t);
+    const int64_t i = mine.i;
     const int pdtype = (m != n) ? a.partial_dtype : -1;
     const PartialRowLayout pl{a.hidden, static_cast<int>(sizeof(AccT)), k, pdtype};
     uint8_t* partial = reinterpret_cast<uint8_t*>(reinterpret_cast<const uint64_t*>(a.partials)[m]) + i * pl.bytes();
-    for (int64_t col = threadIdx.x; col < a.hidden; col += blockDim.x) {
-      AccT acc = 0;
-      for (int qi = 0; qi < c; ++qi) {
-        const int j = contrib[qi];
-        acc += load_as<AccT>(ring_of(own, m, j, L, slots, row_bytes) + (consumed[t * L + j] % slots) * row_bytes,
-                             a.dtype, col);
+    constexpr int kCols = 4;  // columns per lane per pass: kCols x c independent loads in flight
+    for (int64_t base = lane; base < a.hidden; base += 32 * kCols) {
+      AccT acc[kCols];
+      for (int u = 0; u < kCols; ++u) acc[u] = 0;
+      for (int qi = 0; qi < c; ++qi) {  // ascending local rank
+        const uint8_t* row = mine.row[qi];
+        for (int u = 0; u < kCols; ++u) {
+          if (base + 32 * u < a.hidden) acc[u] += load_as<AccT>(row, a.dtype, base + 32 * u);
+        }
       }
-      if (pdtype >= 0) store_as<AccT>(partial, pdtype, col, acc);
-      else reinterpret_cast<AccT*>(partial)[col] = acc;
+      for (int u = 0; u < kCols; ++u) {
+        const int64_t col = base + 32 * u;
+        if (col >= a.hidden) break;
+        if (pdtype >= 0) store_as<AccT>(partial, pdtype, col, acc[u]);
+        else reinterpret_cast<AccT*>(partial)[col] = acc[u];
+      }
     }
-    for (int col = threadIdx.x; col < k; col += blockDim.x) {
+    for (int col = lane; col < k; col += 32) {  // any top-k: no limit of 32
       float acc = 0.0f;
-      for (int qi = 0; qi < c; ++qi) {
-        const int j = contrib[qi];
-        acc += load_f32_cg(ring_of(own, m, j, L, slots, row_bytes) + (consumed[t * L + j] % slots) * row_bytes +
-                           rl.weights_offset() + 4 * col);
-      }
+      for (int qi = 0; qi < c; ++qi) acc += load_f32_cg(mine.row[qi] + rl.weights_offset() + 4 * col);
       store_f32(partial + pl.weights_offset() + 4 * col, acc);
     }
-    __syncthreads();  // every thread has read the slots before they are handed back
-    if (threadIdx.x == 0) {
-      for (int qi = 0; qi < c; ++qi) {
-        const int j = contrib[qi];
-        ++consumed[t * L + j];
-        port::st_release(head_of(a.peers.ptr[j], m, me), consumed[t * L + j]);
+    __syncwarp();  // every lane has read the slots before they are handed back
+    int ok = 1;
+    if (lane == 0) {
+      for (int qi = 0; qi < c && ok; ++qi) {
+        const int j = mine.j[qi];
+        ok = publish_in_turn(w, turn + t * L + j, warps, mine.slot[qi], head_of(a.peers.ptr[j], m, me), false,
+                             WaitSite{n * L + j, m, kWaitCombineData});
       }
-      ++done[t];
     }
-    __syncthreads();
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return;
   }
 }
 
@@ -239,9 +285,9 @@ DISPATCH_DEVICE void reduce_nodes(const RailCombineArgs& a, const RailGrid& g, i
 template <typename AccT>
 __global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArgs a) {
   const ProfileScope profile_scope(a.profile);  // profile_record.h
-  DISPATCH_SHARED_ARRAY(uint32_t, state, kMaxRailPairs);  // returner: rows taken per unit; reducer: consumed
-  DISPATCH_SHARED_ARRAY(uint32_t, turn, kMaxRailPairs);   // returner: ring slots published per pair
-  DISPATCH_SHARED_ARRAY(uint32_t, done, kMaxNodes);       // reducer: records summed per node
+  DISPATCH_SHARED_ARRAY(uint32_t, state, kMaxRailPairs);  // returner: rows taken per unit; reducer: slots taken
+  DISPATCH_SHARED_ARRAY(uint32_t, turn, kMaxRailPairs);   // ring slots published per pair
+  DISPATCH_SHARED_ARRAY(uint32_t, done, kMaxNodes);       // reducer: records claimed per node
   const RailGrid g{static_cast<int>(gridDim.x / 2), a.num_nodes};
   const int s = blockIdx.x / 2;
   if (call_is_void(a.peers.ptr[a.rank])) return;
@@ -252,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1) rail_reduce_kernel(RailCombineArg
     __syncthreads();  // a pair's warps take turns through turn[q]
     return_pairs(a, g, s, state, turn);
   } else {
-    reduce_nodes<AccT>(a, g, s, state, done);
+    reduce_nodes<AccT>(a, g, s, state, turn, done);
   }
 }
 
@@ -331,7 +377,7 @@ void load_rail_combine_kernels() {
 void launch_rail_reduce(const RailCombineArgs& a, uintptr_t stream) {
   check_rail(a);
   // returners: a warp per (source node, local rank) pair, polling when a warp has several;
-  // reducers use every thread for columns (fewer on SIMT: it pays per thread)
+  // reducers: a record per warp at a time (fewer threads on SIMT: it pays per thread)
   const RailGrid g = RailGrid::of(a.num_sms, a.num_nodes);
   const int threads = is_simt() ? 128 : kThreads;
   if (a.dtype == kDtypeFloat64) DISPATCH_LAUNCH(rail_reduce_kernel<double>, 2 * g.slots, threads, 0, as_stream(stream), a);
