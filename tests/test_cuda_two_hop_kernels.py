@@ -71,25 +71,24 @@ def test_forwarder_reading_before_arrival_is_caught(drivers):
     run passed; at 20 ms, with the machine's 2 cores loaded, all three seeds passed both before
     and after issue 14's 4-warp forwarder blocks; at 50 ms one seed of three): up to three runs
     with other seeds, the variant must be caught in one."""
-    caught = {3: "wrong output", 4: "kernel timeout", TSAN_EXIT_CODE: "ThreadSanitizer report"}
-    for seed in (7, 8, 9):
-        res = _run(drivers["bad5"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=100_000_000, timeout_s=3.0,
-                   yield_seed=seed)
-        if res.returncode in caught:
-            break
-    assert res.returncode in caught, f"variant 5 was not caught: exit {res.returncode}\n{res.stderr[-3000:]}"
-    print(f"bad variant 5: caught by {caught[res.returncode]}")
+    _assert_caught_with_one_of_three_seeds(drivers, 5, rail_ns=100_000_000)
 
 
 def test_reducer_claiming_without_the_lock_is_caught(drivers):
     """Variant 6: the reducer's warps claim records without the node's lock, so two may take one
     record (or one ring slot) and the claim counters race: wrong output, a kernel timeout or a
     TSan report, with one of a few seeds."""
+    _assert_caught_with_one_of_three_seeds(drivers, 6, rail_ns=50_000)
+
+
+def _assert_caught_with_one_of_three_seeds(drivers, variant: int, rail_ns: int) -> None:
+    """Runs known-bad ``variant`` on 2x2 with up to three yield seeds: one run must end in wrong
+    output, a kernel timeout or a TSan report."""
     caught = {3: "wrong output", 4: "kernel timeout", TSAN_EXIT_CODE: "ThreadSanitizer report"}
     for seed in (7, 8, 9):
-        res = _run(drivers["bad6"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=50_000, timeout_s=3.0,
+        res = _run(drivers[f"bad{variant}"], 2, 2, T=24, H=16, k=3, E=8, chunk=2, rail_ns=rail_ns, timeout_s=3.0,
                    yield_seed=seed)
         if res.returncode in caught:
             break
-    assert res.returncode in caught, f"variant 6 was not caught: exit {res.returncode}\n{res.stderr[-3000:]}"
-    print(f"bad variant 6: caught by {caught[res.returncode]}")
+    assert res.returncode in caught, f"variant {variant} was not caught: exit {res.returncode}\n{res.stderr[-3000:]}"
+    print(f"bad variant {variant}: caught by {caught[res.returncode]}")
