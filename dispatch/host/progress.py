@@ -81,7 +81,8 @@ class Progress:
             self._sleep_s = _SLEEP_MIN_S
             self._last_progress = time.monotonic()
             self._grace_s = 0.0
-            self.finish()  # moving again
+            if self._said_waiting:  # moving again (a flag test: this runs every pass that moved)
+                self.finish()
             if self.bell is not None:
                 self._seen = self.bell.bell_rings()
             return
